@@ -1,0 +1,82 @@
+"""What goes into and comes out of the engine. Pure data; no llama imports."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from wire.messages import Channel, FinishReason, Timing, Usage
+from wire.params import DEFAULTS, ModelParams, SamplingParams
+
+
+class ModelConfig(msgspec.Struct, frozen=True, rename="camel"):
+    """A fully resolved load configuration. Two equal configs share one loaded model."""
+
+    model_path: str
+    n_ctx: int = DEFAULTS.n_ctx
+    n_batch: int = DEFAULTS.n_batch
+    n_gpu_layers: int = DEFAULTS.n_gpu_layers
+    n_threads: int = DEFAULTS.n_threads
+    n_seq_max: int = DEFAULTS.n_seq_max
+
+    @classmethod
+    def resolve(cls, model_path: str, *layers: ModelParams | None) -> "ModelConfig":
+        """Resolve load parameters, most specific layer first, over DEFAULTS."""
+
+        def pick(field: str, default: int) -> int:
+            for layer in layers:
+                if layer is not None and getattr(layer, field) is not None:
+                    return getattr(layer, field)
+            return default
+
+        return cls(
+            model_path=model_path,
+            n_ctx=pick("context_size", DEFAULTS.n_ctx),
+            n_batch=pick("batch_size", DEFAULTS.n_batch),
+            n_gpu_layers=pick("gpu_layers", DEFAULTS.n_gpu_layers),
+            n_threads=pick("threads", DEFAULTS.n_threads),
+            n_seq_max=pick("parallel", DEFAULTS.n_seq_max),
+        )
+
+
+class ChatTurn(msgspec.Struct, frozen=True):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(msgspec.Struct, frozen=True):
+    """One generation.
+
+    ``messages`` is the conversation oldest-first; the engine renders it with the
+    model's chat template and, when it does not fit in ``n_ctx - max_tokens``,
+    drops the oldest non-system turns (and truncates a single over-long turn).
+    ``prompt`` instead of ``messages`` is raw completion with no template.
+    ``conversation`` names a KV-cache slot to reuse across turns (a topic id).
+    """
+
+    request_id: str
+    sampling: SamplingParams
+    messages: tuple[ChatTurn, ...] = ()
+    prompt: str | None = None
+    conversation: str | None = None
+
+
+class TokenChunk(msgspec.Struct, frozen=True):
+    text: str
+    channel: Channel = "content"
+
+
+class GenerationResult(msgspec.Struct, frozen=True):
+    """The seed's response structure. ``cancelled`` results carry the partial text."""
+
+    text: str
+    thinking: str
+    tokens: int
+    finish_reason: FinishReason | Literal["cancelled"]
+    timing: Timing
+    usage: Usage
+
+    @property
+    def cancelled(self) -> bool:
+        return self.finish_reason == "cancelled"

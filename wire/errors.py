@@ -1,0 +1,95 @@
+"""One error root for the whole service, with a stable string code.
+
+Every failure that crosses a layer boundary is a :class:`LamaError`. The code is
+part of the wire contract (DESIGN.md, "Error codes"); the status is what the
+NATS micro error header ``Nats-Service-Error-Code`` carries.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+
+class ErrorCode(enum.StrEnum):
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"
+    MODEL_FILE_MISSING = "model_file_missing"
+    MODEL_INVALID = "model_invalid"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    OUT_OF_MEMORY = "out_of_memory"
+    CONTEXT_OVERFLOW = "context_overflow"
+    CONFLICT = "conflict"
+    BUSY = "busy"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+    @property
+    def status(self) -> int:
+        return _STATUS[self]
+
+
+_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.MODEL_FILE_MISSING: 404,
+    ErrorCode.MODEL_INVALID: 400,
+    ErrorCode.MODEL_LOAD_FAILED: 500,
+    ErrorCode.OUT_OF_MEMORY: 503,
+    ErrorCode.CONTEXT_OVERFLOW: 400,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.BUSY: 429,
+    ErrorCode.CANCELLED: 409,
+    ErrorCode.TIMEOUT: 503,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class ErrorBody(msgspec.Struct, frozen=True, rename="camel"):
+    """The JSON body of every error reply and the ``error`` field of failure events."""
+
+    code: ErrorCode
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class LamaError(Exception):
+    """The root of every error lamabus raises on purpose.
+
+    ``details`` holds structured fields (the offending field path, a model id,
+    an expected version) so that callers never have to parse ``message``.
+    """
+
+    def __init__(self, code: ErrorCode | str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+        self.details = details
+
+    @property
+    def status(self) -> int:
+        return self.code.status
+
+    def to_body(self) -> ErrorBody:
+        return ErrorBody(self.code, self.message, self.details or None)
+
+    @classmethod
+    def from_body(cls, body: ErrorBody) -> "LamaError":
+        return cls(body.code, body.message, **(body.details or {}))
+
+    @classmethod
+    def from_validation(cls, exc: msgspec.ValidationError | msgspec.DecodeError) -> "LamaError":
+        # msgspec already names the field path ("at `$.params.maxTokens`"); keep it whole.
+        message = str(exc)
+        path = None
+        if "at `" in message:
+            path = message.rsplit("at `", 1)[1].rstrip("`")
+        return cls(ErrorCode.BAD_REQUEST, message, **({"field": path} if path else {}))
+
+    def __repr__(self) -> str:
+        return f"LamaError({self.code.value!r}, {self.message!r})"
