@@ -1,0 +1,152 @@
+"""A small async client for lamabus: post a message, stream the reply.
+
+    async with LamabusClient.connect("nats://127.0.0.1:4222") as client:
+        async for item in client.ask("demo", "Hello"):
+            if isinstance(item, GenerationToken):
+                print(item.text, end="")
+            else:               # GenerationCompleted (or GenerationCancelled) ends the stream
+                print(item.timing.tokens_per_second)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timezone
+from typing import AsyncIterator
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus.connection import connect
+from bus.publisher import MSG_ID
+from bus.subjects import Subjects
+from wire.errors import ErrorBody, ErrorCode, LamaError
+from wire.messages import (
+    CancelReply,
+    ChatMessage,
+    GenerationCancel,
+    GenerationCancelled,
+    GenerationCompleted,
+    GenerationFailed,
+    GenerationStarted,
+    GenerationToken,
+    MessageRejected,
+    TopicEvent,
+    decode_topic_event,
+    encode,
+)
+from wire.params import GenerationParams
+
+AskItem = GenerationStarted | GenerationToken | GenerationCompleted | GenerationCancelled
+
+_cancel_reply_decoder = msgspec.json.Decoder(CancelReply)
+_error_decoder = msgspec.json.Decoder(ErrorBody)
+
+
+def raise_for_error(msg: Msg) -> None:
+    """Turn a micro error reply (Nats-Service-Error-Code + {code, message}) into a LamaError."""
+    headers = msg.headers or {}
+    if "Nats-Service-Error-Code" in headers:
+        try:
+            body = _error_decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            body = ErrorBody(ErrorCode.INTERNAL, headers.get("Nats-Service-Error", "unknown error"))
+        raise LamaError.from_body(body)
+
+
+class LamabusClient:
+    def __init__(self, nc: Client, *, prefix: str = "lama", owns_connection: bool = False) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = Subjects(prefix)
+        self._owns = owns_connection
+
+    @classmethod
+    def connect(cls, url: str, *, prefix: str = "lama") -> "_Connecting":
+        return _Connecting(url, prefix)
+
+    async def close(self) -> None:
+        if self._owns and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def post(self, message: ChatMessage) -> None:
+        """Publish a chat message durably (JetStream), de-duplicated by its id."""
+        await self.js.publish(self.subjects.msg(message.topic), encode(message), headers={MSG_ID: message.id})
+
+    async def ask(self, topic: str, text: str, *, author_id: str = "user", model_id: str | None = None,
+                  params: GenerationParams | None = None, message_id: str | None = None,
+                  timeout: float = 300.0) -> AsyncIterator[AskItem]:
+        """Post ``text`` to ``topic`` and yield the reply as it streams.
+
+        Yields ``generation.started``, then tokens in ``seq`` order, then the
+        ``generation.completed`` (or ``generation.cancelled``) that ends it.
+        Raises :class:`LamaError` for ``generation.failed`` or ``message.rejected``.
+        """
+        message = ChatMessage(id=message_id or str(uuid.uuid4()), topic=topic, author_id=author_id, text=text,
+                              sent_at=datetime.now(timezone.utc), model_id=model_id, params=params)
+        queue: asyncio.Queue[TopicEvent] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                queue.put_nowait(decode_topic_event(msg.data))
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                pass  # not ours to judge; someone else's traffic on the topic
+
+        tok_sub = await self.nc.subscribe(self.subjects.tok(topic), cb=on_msg)
+        evt_sub = await self.nc.subscribe(self.subjects.evt(topic), cb=on_msg)
+        try:
+            # Subscriptions must be live on the server before the message can be answered.
+            await self.nc.flush()
+            await self.post(message)
+            async with asyncio.timeout(timeout):
+                while True:
+                    event = await queue.get()
+                    match event:
+                        case GenerationToken(request_id=rid) | GenerationStarted(request_id=rid) if rid == message.id:
+                            yield event
+                        case GenerationCompleted(request_id=rid) | GenerationCancelled(request_id=rid) if rid == message.id:
+                            yield event
+                            return
+                        case GenerationFailed(request_id=rid, error=error) if rid == message.id:
+                            raise LamaError.from_body(error)
+                        case MessageRejected(message_id=mid, error=error) if mid == message.id:
+                            raise LamaError.from_body(error)
+        except TimeoutError:
+            raise LamaError(ErrorCode.TIMEOUT, f"no reply to {message.id} in {timeout:g} s") from None
+        finally:
+            await tok_sub.unsubscribe()
+            await evt_sub.unsubscribe()
+
+    async def cancel(self, topic: str, request_id: str | None = None, *, timeout: float = 5.0) -> CancelReply:
+        reply = await self.nc.request(self.subjects.cancel(topic), encode(GenerationCancel(topic=topic, request_id=request_id)),
+                                      timeout=timeout)
+        raise_for_error(reply)
+        return _cancel_reply_decoder.decode(reply.data)
+
+    async def request(self, endpoint: str, payload: object | None = None, response_type: type | object = object,
+                      *, timeout: float = 30.0):
+        """Call ``<prefix>.api.<endpoint>`` and decode the reply (errors raise LamaError)."""
+        data = encode(payload) if payload is not None else b"{}"
+        reply = await self.nc.request(f"{self.subjects.api}.{endpoint}", data, timeout=timeout)
+        raise_for_error(reply)
+        return msgspec.json.decode(reply.data, type=response_type)
+
+
+class _Connecting:
+    """``async with LamabusClient.connect(url) as client`` owns and closes the connection."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.client: LamabusClient | None = None
+
+    async def __aenter__(self) -> LamabusClient:
+        nc = await connect(self.url, name="lamabus-client", reconnect_forever=False)
+        self.client = LamabusClient(nc, prefix=self.prefix, owns_connection=True)
+        return self.client
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.client is not None:
+            await self.client.close()

