@@ -1,0 +1,172 @@
+"""The registry's domain events: what happened to a model or a topic, as frozen tagged Structs.
+
+Two kinds of stream:
+
+* ``model-<model id>``: imported, parameters changed, activated, deactivated,
+  loaded, unloaded, load failed, used, removed.
+* ``topic-<topic id>``: created, model bound, message seen, reply posted.
+
+An event never repeats the id of the entity it belongs to: the stream id says
+that, so the two can never disagree. Every event carries ``at`` (epoch
+milliseconds, taken by the command that decided it) so that projections are a
+pure function of the log and a rebuild gives exactly the same state.
+
+The encoded form is JSON with a ``type`` tag. Tags are part of the on-disk
+format: renaming one needs a migration, adding a field needs a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+from wire.messages import Timing, Usage
+from wire.params import GenerationParams, ModelParams
+
+MODEL_STREAM_PREFIX = "model-"
+TOPIC_STREAM_PREFIX = "topic-"
+
+
+def model_stream(model_id: str) -> str:
+    return MODEL_STREAM_PREFIX + model_id
+
+
+def topic_stream(topic_id: str) -> str:
+    return TOPIC_STREAM_PREFIX + topic_id
+
+
+class DomainEvent(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, omit_defaults=True):
+    at: int
+    """Epoch milliseconds when the command that produced this event ran."""
+
+
+# ---------------------------------------------------------------------------- model-<id>
+
+
+class ModelImported(DomainEvent, tag="model.imported"):
+    """A GGUF file was registered (or re-registered after removal) under this model id."""
+
+    name: str
+    filename: str
+    model_path: str
+    size: int
+    checksum: str
+    architecture: str
+    parameter_count: int
+    context_length: int | None = None
+    quantization: str | None = None
+    capabilities: tuple[str, ...] = ("chat", "inference")
+    model_type: Literal["local", "cloud"] = "local"
+    provider: str | None = None
+    creator: str = "lamabus"
+    generation: GenerationParams | None = None
+    load: ModelParams | None = None
+
+
+class ModelParametersChanged(DomainEvent, tag="model.parameters_changed"):
+    """Overrides laid over the stored ones (fields set here win); ``reset`` drops the old ones first."""
+
+    generation: GenerationParams | None = None
+    load: ModelParams | None = None
+    reset: bool = False
+
+
+class ModelActivated(DomainEvent, tag="model.activated"):
+    pass
+
+
+class ModelDeactivated(DomainEvent, tag="model.deactivated"):
+    reason: str = "replaced"
+
+
+class ModelLoaded(DomainEvent, tag="model.loaded"):
+    handle: str
+    n_ctx: int
+    load_ms: float = 0.0
+
+
+class ModelUnloaded(DomainEvent, tag="model.unloaded"):
+    reason: Literal["requested", "idle", "evicted", "removed", "shutdown", "restart"] = "requested"
+
+
+class ModelLoadFailed(DomainEvent, tag="model.load_failed"):
+    code: str
+    message: str
+
+
+class ModelUsed(DomainEvent, tag="model.used"):
+    pass
+
+
+class ModelRemoved(DomainEvent, tag="model.removed"):
+    """Soft delete: the record stays (deleted=True) so history and identity survive."""
+
+
+# ---------------------------------------------------------------------------- topic-<id>
+
+
+class TopicCreated(DomainEvent, tag="topic.created"):
+    name: str | None = None
+    created_by: str | None = None
+
+
+class TopicModelBound(DomainEvent, tag="topic.model_bound"):
+    """``model_id`` None unbinds: the topic follows the active model again."""
+
+    model_id: str | None = None
+
+
+class TopicMessageSeen(DomainEvent, tag="topic.message_seen"):
+    message_id: str
+    author_id: str
+    text: str
+    sent_at: str
+    """ISO-8601 as the sender stated it; kept verbatim rather than re-parsed."""
+
+
+class TopicReplyPosted(DomainEvent, tag="topic.reply_posted"):
+    message_id: str
+    reply_to: str
+    model_id: str
+    author_id: str
+    text: str
+    tokens: int = 0
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timing: Timing | None = None
+
+
+AnyEvent = Union[
+    ModelImported,
+    ModelParametersChanged,
+    ModelActivated,
+    ModelDeactivated,
+    ModelLoaded,
+    ModelUnloaded,
+    ModelLoadFailed,
+    ModelUsed,
+    ModelRemoved,
+    TopicCreated,
+    TopicModelBound,
+    TopicMessageSeen,
+    TopicReplyPosted,
+]
+
+EVENT_TYPES: tuple[type[DomainEvent], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+
+# Built once: msgspec compiles the tagged union into one decoder.
+_decoder = msgspec.json.Decoder(AnyEvent)
+_encoder = msgspec.json.Encoder()
+
+
+def event_type(event: DomainEvent) -> str:
+    return event.__struct_config__.tag  # type: ignore[return-value]
+
+
+def encode_event(event: DomainEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> DomainEvent:
+    return _decoder.decode(data)

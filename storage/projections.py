@@ -1,0 +1,326 @@
+"""Read models derived from the event log: the seed's ``LLM`` record, topic rooms, conversations.
+
+:class:`Projections` is a pure fold over :class:`~storage.store.StoredEvent`:
+``apply`` never looks at a clock, a file or another service, so rebuilding it
+from the log gives exactly the state that was kept incrementally
+(``tests/test_projections.py`` checks that with random command sequences).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+from msgspec.structs import replace
+
+from storage.events import (
+    MODEL_STREAM_PREFIX,
+    TOPIC_STREAM_PREFIX,
+    DomainEvent,
+    ModelActivated,
+    ModelDeactivated,
+    ModelImported,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelParametersChanged,
+    ModelRemoved,
+    ModelUnloaded,
+    ModelUsed,
+    TopicCreated,
+    TopicMessageSeen,
+    TopicModelBound,
+    TopicReplyPosted,
+)
+from storage.store import EventStore, StoredEvent
+from wire.errors import ErrorCode, LamaError
+from wire.identity import person_id_for
+from wire.params import GenerationParams, ModelParams
+
+GENERATION_FIELDS = GenerationParams.__struct_fields__  # max_tokens, temperature, top_p, top_k, stop, seed
+LOAD_FIELDS = ModelParams.__struct_fields__  # context_size, batch_size, gpu_layers, threads, parallel
+
+
+def iso_ms(at: int) -> str:
+    return datetime.fromtimestamp(at / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class LLM(msgspec.Struct, frozen=True, rename="camel"):
+    """The seed's ``LLM`` record, every field of it, as ``lama.api.models.list/get`` return it.
+
+    Times: ``created``/``modified``/``lastInitialized`` are epoch milliseconds
+    (0 = never), ``createdAt``/``lastUsed`` ISO-8601 strings (``lastUsed`` is
+    null until first use). Parameter fields are the model's stored overrides;
+    null means "the default in ``wire.params.DEFAULTS``". Field names equal
+    those of ``GenerationParams``/``ModelParams`` so the two convert 1:1.
+    Fields after ``model_path`` are lamabus additions.
+    """
+
+    id: str
+    name: str
+    model_type: Literal["local", "cloud"]
+    filename: str
+    person_id: str
+    deleted: bool
+    active: bool
+    creator: str
+    created: int
+    modified: int
+    created_at: str
+    last_used: str | None
+    usage_count: int
+    size: int
+    capabilities: tuple[str, ...]
+    last_initialized: int
+    # the seed's model parameters
+    temperature: float | None = None
+    batch_size: int | None = None
+    threads: int | None = None
+    max_tokens: int | None = None
+    context_size: int | None = None
+    mirostat: int | None = None  # in the seed's record; llama.cpp's mirostat is not exposed here, so always null
+    top_k: int | None = None
+    top_p: float | None = None
+    # the seed's optional properties
+    architecture: str | None = None
+    context_length: int | None = None
+    quantization: str | None = None
+    checksum: str | None = None
+    provider: str | None = None
+    model_loaded: bool = False
+    model_path: str = ""
+    # lamabus additions
+    parameter_count: int | None = None
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+    gpu_layers: int | None = None
+    parallel: int | None = None
+    version: int = 0
+    """The model stream's version: the ``expected_version`` for an update."""
+    last_error: str | None = None
+    """``code: message`` of the last failed load, cleared by a successful one."""
+
+    def generation_params(self) -> GenerationParams:
+        values = {f: getattr(self, f) for f in GENERATION_FIELDS}
+        if values["stop"] is not None:
+            values["stop"] = list(values["stop"])
+        return GenerationParams(**values)
+
+    def model_params(self) -> ModelParams:
+        return ModelParams(**{f: getattr(self, f) for f in LOAD_FIELDS})
+
+
+class TopicRoom(msgspec.Struct, frozen=True, rename="camel"):
+    """A topic as the registry knows it. ``model_id`` null: it follows the active model."""
+
+    id: str
+    name: str | None
+    model_id: str | None
+    person_id: str | None
+    """The bound model's AI identity (null when unbound: it is the active model's)."""
+    created_by: str | None
+    created: int
+    modified: int
+    message_count: int
+    reply_count: int
+    version: int
+
+
+class Turn(msgspec.Struct, frozen=True, rename="camel"):
+    message_id: str
+    author_id: str
+    text: str
+    is_ai: bool
+    sent_at: str | None = None
+    reply_to: str | None = None
+    model_id: str | None = None
+
+
+class RegistryState(msgspec.Struct, frozen=True):
+    """Everything the projections hold, as one comparable value."""
+
+    position: int
+    active_model_id: str | None
+    models: dict[str, LLM]
+    topics: dict[str, TopicRoom]
+    history: dict[str, tuple[Turn, ...]]
+    seen: dict[str, frozenset[str]]
+    replied: dict[str, frozenset[str]]
+
+
+class Projections:
+    """The registry's read models, kept by applying stored events in position order."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.event_count = 0
+        self.active_model_id: str | None = None
+        self.models: dict[str, LLM] = {}
+        self.topics: dict[str, TopicRoom] = {}
+        self.history: dict[str, list[Turn]] = {}
+        self.seen: dict[str, set[str]] = {}
+        self.replied: dict[str, set[str]] = {}
+
+    @classmethod
+    async def rebuild(cls, store: EventStore, page_size: int = 5000) -> "Projections":
+        view = cls()
+        async for stored in store.iter_all(0, page_size):
+            view.apply(stored)
+        return view
+
+    # -- queries
+
+    def state(self) -> RegistryState:
+        return RegistryState(
+            position=self.position,
+            active_model_id=self.active_model_id,
+            models=dict(self.models),
+            topics=dict(self.topics),
+            history={t: tuple(h) for t, h in self.history.items()},
+            seen={t: frozenset(s) for t, s in self.seen.items()},
+            replied={t: frozenset(s) for t, s in self.replied.items()},
+        )
+
+    def live_models(self) -> list[LLM]:
+        return [m for m in self.models.values() if not m.deleted]
+
+    def active_model(self) -> LLM | None:
+        return self.models.get(self.active_model_id) if self.active_model_id else None
+
+    def has_seen(self, topic: str, message_id: str) -> bool:
+        return message_id in self.seen.get(topic, ())
+
+    def has_replied(self, topic: str, message_id: str) -> bool:
+        """True once a reply to ``message_id`` in ``topic`` is recorded (the redelivery guard)."""
+        return message_id in self.replied.get(topic, ())
+
+    def conversation(self, topic: str, limit: int | None = None) -> list[Turn]:
+        turns = self.history.get(topic, [])
+        return list(turns[-limit:] if limit else turns)
+
+    # -- the fold
+
+    def apply(self, stored: StoredEvent) -> None:
+        if stored.position <= self.position:
+            raise LamaError(
+                ErrorCode.INTERNAL,
+                f"event at position {stored.position} applied after position {self.position}",
+                position=stored.position, applied=self.position,
+            )
+        self.position = stored.position
+        self.event_count += 1
+        sid = stored.stream_id
+        if sid.startswith(MODEL_STREAM_PREFIX):
+            self._apply_model(sid[len(MODEL_STREAM_PREFIX):], stored.version, stored.event)
+        elif sid.startswith(TOPIC_STREAM_PREFIX):
+            self._apply_topic(sid[len(TOPIC_STREAM_PREFIX):], stored.version, stored.event)
+        # Other streams belong to someone else; skipping them keeps old readers working on newer logs.
+
+    def _apply_model(self, model_id: str, version: int, ev: DomainEvent) -> None:
+        at = ev.at
+        current = self.models.get(model_id)
+        if isinstance(ev, ModelImported):
+            self.models[model_id] = _imported(model_id, version, ev, current)
+            return
+        if current is None:
+            return  # an event for a model never imported: nothing to project it onto
+        m = replace(current, version=version)
+        if isinstance(ev, ModelParametersChanged):
+            m = replace(_with_params(m, ev.generation, ev.load, ev.reset), modified=at)
+        elif isinstance(ev, ModelActivated):
+            previous = self.active_model_id
+            if previous is not None and previous != model_id and previous in self.models:
+                # Activation is exclusive even if a racing writer left the old one's deactivation out.
+                self.models[previous] = replace(self.models[previous], active=False)
+            self.active_model_id = model_id
+            m = replace(m, active=True, modified=at)
+        elif isinstance(ev, ModelDeactivated):
+            if self.active_model_id == model_id:
+                self.active_model_id = None
+            m = replace(m, active=False, modified=at)
+        elif isinstance(ev, ModelLoaded):
+            m = replace(m, model_loaded=True, last_initialized=at, last_error=None)
+        elif isinstance(ev, ModelUnloaded):
+            m = replace(m, model_loaded=False)
+        elif isinstance(ev, ModelLoadFailed):
+            m = replace(m, model_loaded=False, last_error=f"{ev.code}: {ev.message}")
+        elif isinstance(ev, ModelUsed):
+            m = replace(m, usage_count=m.usage_count + 1, last_used=iso_ms(at))
+        elif isinstance(ev, ModelRemoved):
+            if self.active_model_id == model_id:
+                self.active_model_id = None
+            m = replace(m, deleted=True, active=False, modified=at)
+        self.models[model_id] = m
+
+    def _apply_topic(self, topic: str, version: int, ev: DomainEvent) -> None:
+        at = ev.at
+        room = self.topics.get(topic)
+        if room is None:
+            # A message can arrive in a topic nobody created through the API; the room starts there.
+            room = TopicRoom(topic, None, None, None, None, at, at, 0, 0, version)
+        room = replace(room, version=version)
+        if isinstance(ev, TopicCreated):
+            room = replace(room, name=ev.name, created_by=ev.created_by, created=at, modified=at)
+        elif isinstance(ev, TopicModelBound):
+            pid = person_id_for(ev.model_id) if ev.model_id else None
+            room = replace(room, model_id=ev.model_id, person_id=pid, modified=at)
+        elif isinstance(ev, TopicMessageSeen):
+            self.history.setdefault(topic, []).append(
+                Turn(ev.message_id, ev.author_id, ev.text, False, sent_at=ev.sent_at))
+            self.seen.setdefault(topic, set()).add(ev.message_id)
+            room = replace(room, message_count=room.message_count + 1, modified=at)
+        elif isinstance(ev, TopicReplyPosted):
+            self.history.setdefault(topic, []).append(
+                Turn(ev.message_id, ev.author_id, ev.text, True, sent_at=iso_ms(at), reply_to=ev.reply_to,
+                     model_id=ev.model_id))
+            self.replied.setdefault(topic, set()).add(ev.reply_to)
+            room = replace(room, reply_count=room.reply_count + 1, modified=at)
+        self.topics[topic] = room
+
+
+def _imported(model_id: str, version: int, ev: ModelImported, previous: LLM | None) -> LLM:
+    at = ev.at
+    m = LLM(
+        id=model_id,
+        name=ev.name,
+        model_type=ev.model_type,
+        filename=ev.filename,
+        person_id=person_id_for(model_id),
+        deleted=False,
+        active=False,
+        creator=ev.creator,
+        # Re-importing a removed model keeps its birth date and usage: it is the same identity.
+        created=previous.created if previous else at,
+        modified=at,
+        created_at=previous.created_at if previous else iso_ms(at),
+        last_used=previous.last_used if previous else None,
+        usage_count=previous.usage_count if previous else 0,
+        size=ev.size,
+        capabilities=tuple(ev.capabilities),
+        last_initialized=previous.last_initialized if previous else 0,
+        architecture=ev.architecture,
+        context_length=ev.context_length,
+        quantization=ev.quantization,
+        checksum=ev.checksum,
+        provider=ev.provider,
+        model_loaded=False,
+        model_path=ev.model_path,
+        parameter_count=ev.parameter_count,
+        version=version,
+    )
+    return _with_params(m, ev.generation, ev.load, reset=True)
+
+
+def _with_params(m: LLM, generation: GenerationParams | None, load: ModelParams | None, reset: bool) -> LLM:
+    changes: dict[str, object] = {}
+    if reset:
+        changes.update({f: None for f in GENERATION_FIELDS})
+        changes.update({f: None for f in LOAD_FIELDS})
+    for params, fields in ((generation, GENERATION_FIELDS), (load, LOAD_FIELDS)):
+        if params is None:
+            continue
+        for f in fields:
+            value = getattr(params, f)
+            if value is not None:
+                changes[f] = tuple(value) if f == "stop" else value
+    return replace(m, **changes) if changes else m

@@ -1,0 +1,331 @@
+"""One contract for every event store (eventsourcing style): SQLite and in-memory both pass it."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import anyio
+import pytest
+
+from storage.events import (
+    EVENT_TYPES,
+    ModelActivated,
+    ModelDeactivated,
+    ModelImported,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelParametersChanged,
+    ModelRemoved,
+    ModelUnloaded,
+    ModelUsed,
+    TopicCreated,
+    TopicMessageSeen,
+    TopicModelBound,
+    TopicReplyPosted,
+)
+from storage.sqlite import SCHEMA_VERSION, SqliteEventStore
+from storage.store import ANY, NO_STREAM, AppendRequest, EventStore, MemoryEventStore, NewEvent
+from wire.errors import ErrorCode, LamaError
+from wire.messages import Timing, Usage
+from wire.params import GenerationParams, ModelParams
+
+
+def used(at: int = 1) -> ModelUsed:
+    return ModelUsed(at=at)
+
+
+class EventStoreContract:
+    """Subclasses provide ``store`` (open) and ``make_store`` (a second handle, where that means something)."""
+
+    @pytest.fixture
+    async def store(self) -> EventStore:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def test_versions_and_positions(self, store: EventStore):
+        r1 = await store.append("model-a", [used(1), used(2)], NO_STREAM)
+        r2 = await store.append("topic-t", [TopicCreated(at=3)], NO_STREAM)
+        r3 = await store.append("model-a", [used(4)], 2)
+        assert (r1.positions, r1.last_version) == ((1, 2), 2)
+        assert (r2.positions, r2.last_version) == ((3,), 1)
+        assert (r3.positions, r3.last_version) == ((4,), 3)
+        stream = await store.read_stream("model-a")
+        assert [(e.version, e.position, e.event.at) for e in stream] == [(1, 1, 1), (2, 2, 2), (3, 4, 4)]
+        assert [e.version for e in await store.read_stream("model-a", from_version=2)] == [2, 3]
+        assert await store.stream_version("model-a") == 3
+        assert await store.stream_version("model-none") == 0
+        assert await store.last_position() == 4
+        assert await store.read_stream("model-none") == []
+
+    async def test_wrong_expected_version_is_a_conflict_and_writes_nothing(self, store: EventStore):
+        await store.append("model-a", [used()], NO_STREAM)
+        with pytest.raises(LamaError) as exc:
+            await store.append("model-a", [used(), used()], 0)
+        assert exc.value.code is ErrorCode.CONFLICT
+        assert exc.value.details == {"stream_id": "model-a", "expected": 0, "actual": 1}
+        with pytest.raises(LamaError) as exc:
+            await store.append("model-a", [used()], 5)
+        assert exc.value.details["actual"] == 1
+        assert await store.last_position() == 1
+
+    async def test_any_skips_the_check(self, store: EventStore):
+        await store.append("model-a", [used()], ANY)
+        result = await store.append("model-a", [used()])
+        assert result.last_version == 2
+
+    async def test_retry_with_same_event_ids_returns_original_positions(self, store: EventStore):
+        await store.append("topic-t", [TopicCreated(at=1)])
+        events = [NewEvent(used(2), "e-1"), NewEvent(used(3), "e-2")]
+        first = await store.append("model-a", events, NO_STREAM)
+        await store.append("model-a", [used(4)], 2)
+        # The retry carries the expected version the first attempt had; it is stale now and must not matter.
+        again = await store.append("model-a", events, NO_STREAM)
+        assert again.positions == first.positions == (2, 3)
+        assert again.duplicate and not first.duplicate
+        assert again.last_version == 2
+        assert await store.last_position() == 4
+        assert [e.event_id for e in await store.read_all()][1:3] == ["e-1", "e-2"]
+
+    async def test_partial_retry_is_a_conflict(self, store: EventStore):
+        await store.append("model-a", [NewEvent(used(), "e-1")])
+        with pytest.raises(LamaError) as exc:
+            await store.append("model-a", [NewEvent(used(), "e-1"), NewEvent(used(), "e-new")])
+        assert exc.value.code is ErrorCode.CONFLICT
+        assert await store.last_position() == 1
+
+    async def test_event_id_reused_in_another_stream_is_a_conflict(self, store: EventStore):
+        await store.append("model-a", [NewEvent(used(), "e-1")])
+        with pytest.raises(LamaError) as exc:
+            await store.append("model-b", [NewEvent(used(), "e-1")])
+        assert exc.value.code is ErrorCode.CONFLICT
+        assert exc.value.details["stream_id"] == "model-a"
+
+    async def test_batch_is_atomic_across_streams(self, store: EventStore):
+        await store.append("model-a", [ModelActivated(at=1)], NO_STREAM)
+        await store.append("model-b", [used(2)], NO_STREAM)
+        results = await store.append_batch([
+            AppendRequest("model-a", [ModelDeactivated(at=3)], 1),
+            AppendRequest("model-b", [ModelActivated(at=3)], 1),
+        ])
+        assert [(r.stream_id, r.positions, r.last_version) for r in results] == [
+            ("model-a", (3,), 2), ("model-b", (4,), 2)]
+        # Second stream's expectation is stale: the first stream's events must not land either.
+        with pytest.raises(LamaError) as exc:
+            await store.append_batch([
+                AppendRequest("model-b", [ModelDeactivated(at=5)], 2),
+                AppendRequest("model-a", [ModelActivated(at=5)], 1),
+            ])
+        assert exc.value.details["stream_id"] == "model-a"
+        assert await store.last_position() == 4
+        assert await store.stream_version("model-b") == 2
+
+    async def test_batch_retry_is_idempotent(self, store: EventStore):
+        batch = [
+            AppendRequest("topic-t", [NewEvent(TopicMessageSeen(at=1, message_id="m", author_id="u", text="hi",
+                                                                sent_at="2024-01-01T00:00:00Z"), "t/m/seen")]),
+            AppendRequest("model-a", [NewEvent(used(1), "t/m/used")]),
+        ]
+        first = await store.append_batch(batch)
+        again = await store.append_batch(batch)
+        assert [r.positions for r in again] == [r.positions for r in first] == [(1,), (2,)]
+        assert all(r.duplicate for r in again)
+        assert await store.last_position() == 2
+
+    async def test_read_all_after_and_limit(self, store: EventStore):
+        for i in range(5):
+            await store.append(f"model-{i % 2}", [used(i)])
+        assert [e.position for e in await store.read_all()] == [1, 2, 3, 4, 5]
+        assert [e.position for e in await store.read_all(after=2)] == [3, 4, 5]
+        assert [e.position for e in await store.read_all(after=1, limit=2)] == [2, 3]
+        assert await store.read_all(after=5) == []
+        assert [e.position async for e in store.iter_all(after=1, page_size=2)] == [2, 3, 4, 5]
+
+    async def test_bad_requests(self, store: EventStore):
+        cases = [
+            lambda: store.append("model-a", []),
+            lambda: store.append("", [used()]),
+            lambda: store.append("model-a", [NewEvent(used(), "x"), NewEvent(used(), "x")]),
+            lambda: store.append("model-a", [used()], -1),
+            lambda: store.append_batch([AppendRequest("model-a", [used()]), AppendRequest("model-a", [used()])]),
+            lambda: store.append_batch([]),
+        ]
+        for case in cases:
+            with pytest.raises(LamaError) as exc:
+                await case()
+            assert exc.value.code is ErrorCode.BAD_REQUEST
+        assert await store.last_position() == 0
+
+    async def test_every_event_type_round_trips(self, store: EventStore):
+        events = [
+            ModelImported(at=1, name="M", filename="m.gguf", model_path="/m/m.gguf", size=10, checksum="ab",
+                          architecture="llama", parameter_count=7, context_length=2048, quantization="Q4_1",
+                          provider="local", generation=GenerationParams(temperature=0.2, stop=["x"]),
+                          load=ModelParams(context_size=512)),
+            ModelParametersChanged(at=2, generation=GenerationParams(max_tokens=9), reset=True),
+            ModelActivated(at=3), ModelDeactivated(at=4, reason="removed"),
+            ModelLoaded(at=5, handle="h1", n_ctx=512, load_ms=1.5), ModelUnloaded(at=6, reason="idle"),
+            ModelLoadFailed(at=7, code="out_of_memory", message="no"), ModelUsed(at=8), ModelRemoved(at=9),
+            TopicCreated(at=10, name="T", created_by="u"), TopicModelBound(at=11, model_id="m"),
+            TopicMessageSeen(at=12, message_id="1", author_id="u", text="hé", sent_at="2024-01-01T00:00:00Z"),
+            TopicReplyPosted(at=13, message_id="2", reply_to="1", model_id="m", author_id="ai", text="yo",
+                             tokens=3, finish_reason="stop", usage=Usage(1, 3, 4),
+                             timing=Timing(1.0, 2.0, 1.0, 3.0, 0.5)),
+        ]
+        assert {type(e) for e in events} == set(EVENT_TYPES)
+        await store.append("s", events)
+        assert [e.event for e in await store.read_stream("s")] == events
+
+    async def test_follow_yields_existing_then_new_without_polling(self, store: EventStore):
+        # A poll interval no test would wait for: only the commit notification can wake the follower.
+        store.poll_interval = 3600
+        await store.append("model-a", [used(1)])
+        got: list[int] = []
+        first, done = anyio.Event(), anyio.Event()
+
+        async def follower() -> None:
+            async for ev in store.follow(after=0):
+                got.append(ev.position)
+                first.set()
+                if len(got) == 3:
+                    done.set()
+                    return
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follower)
+                await first.wait()
+                assert got == [1]
+                await store.append("model-b", [used(2), used(3)])
+                await done.wait()
+        assert got == [1, 2, 3]
+
+    async def test_follow_ends_when_store_closes(self, store: EventStore):
+        store.poll_interval = 3600
+        ended = anyio.Event()
+
+        async def follower() -> None:
+            async for _ in store.follow():
+                pass
+            ended.set()
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follower)
+                await anyio.wait_all_tasks_blocked()
+                await store.close()
+                await ended.wait()
+
+    async def test_close_is_idempotent_and_final(self, store: EventStore):
+        await store.close()
+        await store.close()
+        assert store.closed
+        with pytest.raises(LamaError) as exc:
+            await store.append("model-a", [used()])
+        assert exc.value.code is ErrorCode.INTERNAL
+        with pytest.raises(LamaError):
+            await store.read_all()
+
+    async def test_concurrent_writers_with_same_expectation_one_wins(self, store: EventStore):
+        outcomes: list[str] = []
+
+        async def writer(i: int) -> None:
+            try:
+                await store.append("model-a", [used(i)], NO_STREAM)
+                outcomes.append("ok")
+            except LamaError as exc:
+                outcomes.append(exc.code.value)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(writer, i)
+        assert sorted(outcomes) == ["conflict"] * 7 + ["ok"]
+        assert await store.stream_version("model-a") == 1
+
+
+class TestMemoryEventStore(EventStoreContract):
+    @pytest.fixture
+    async def store(self):
+        async with MemoryEventStore() as store:
+            yield store
+
+
+class TestSqliteEventStore(EventStoreContract):
+    @pytest.fixture
+    async def store(self, tmp_path: Path):
+        async with SqliteEventStore(tmp_path / "registry.db") as store:
+            yield store
+
+    async def test_persists_across_reopen(self, tmp_path: Path):
+        path = tmp_path / "registry.db"
+        async with SqliteEventStore(path) as store:
+            await store.append("model-a", [NewEvent(used(1), "e-1")], NO_STREAM)
+        async with SqliteEventStore(path) as store:
+            assert [e.event_id for e in await store.read_all()] == ["e-1"]
+            assert (await store.append("model-a", [used(2)], 1)).positions == (2,)
+            assert await store.schema_version() == SCHEMA_VERSION
+
+    async def test_durability_pragmas(self, tmp_path: Path):
+        async with SqliteEventStore(tmp_path / "r.db") as store:
+            db = store._writer
+            assert db is not None
+            async with db.execute("PRAGMA journal_mode") as cur:
+                assert (await cur.fetchone())[0] == "wal"
+            async with db.execute("PRAGMA synchronous") as cur:
+                assert (await cur.fetchone())[0] == 2  # FULL
+            async with db.execute("PRAGMA busy_timeout") as cur:
+                assert (await cur.fetchone())[0] == store.busy_timeout_ms
+
+    async def test_refuses_a_newer_schema(self, tmp_path: Path):
+        path = tmp_path / "r.db"
+        with sqlite3.connect(path) as db:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        db.close()
+        store = SqliteEventStore(path)
+        with pytest.raises(LamaError) as exc:
+            await store.open()
+        assert exc.value.code is ErrorCode.INTERNAL
+        assert exc.value.details["schema_version"] == SCHEMA_VERSION + 1
+        await store.close()
+
+    async def test_unique_stream_version_is_enforced_by_the_schema(self, tmp_path: Path):
+        path = tmp_path / "r.db"
+        async with SqliteEventStore(path) as store:
+            await store.append("model-a", [used()])
+        with sqlite3.connect(path) as db, pytest.raises(sqlite3.IntegrityError):
+            db.execute("INSERT INTO events (event_id, stream_id, version, type, data, recorded_at) "
+                       "VALUES ('other', 'model-a', 1, 'model.used', x'7b7d', 0)")
+        db.close()
+
+    async def test_second_connection_sees_the_version_check(self, tmp_path: Path):
+        # Two stores on one file behave like two processes: no shared in-process lock.
+        path = tmp_path / "r.db"
+        async with SqliteEventStore(path) as a, SqliteEventStore(path) as b:
+            await a.append("model-a", [used(1)], NO_STREAM)
+            with pytest.raises(LamaError) as exc:
+                await b.append("model-a", [used(2)], NO_STREAM)
+            assert exc.value.details == {"stream_id": "model-a", "expected": 0, "actual": 1}
+            assert (await b.append("model-a", [used(2)], 1)).positions == (2,)
+
+    async def test_follower_sees_other_connection_commits(self, tmp_path: Path):
+        path = tmp_path / "r.db"
+        async with SqliteEventStore(path, poll_interval=0.05) as a, SqliteEventStore(path) as b:
+            seen: list[int] = []
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    async def follower() -> None:
+                        # b's commit does not notify a: only a's poll can deliver it.
+                        async for ev in a.follow():
+                            seen.append(ev.position)
+                            return
+
+                    tg.start_soon(follower)
+                    await anyio.wait_all_tasks_blocked()
+                    await b.append("model-b", [used(3)])
+            assert seen == [1]
+
+    async def test_open_failure_leaves_nothing_open(self, tmp_path: Path):
+        (tmp_path / "dir.db").mkdir()
+        store = SqliteEventStore(tmp_path / "dir.db")
+        with pytest.raises(Exception):
+            await store.open()
+        assert store.closed
