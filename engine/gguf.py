@@ -4,13 +4,18 @@ A GGUF file is a header of typed key/value pairs followed by tensor infos and
 the tensor data. We read only the header and tensor infos, so a 4 GB model is
 inspected in milliseconds and a corrupt file is diagnosed before llama.cpp
 (which may abort the process on bad input) ever sees it.
+
+The file is memory-mapped and walked by offset: scalar arrays are skipped by
+arithmetic, string arrays (the 50k-entry vocabulary and merges) by one
+``unpack_from`` per element, with no string objects built.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
-from typing import Any, BinaryIO
+from typing import Any
 
 import msgspec
 
@@ -19,11 +24,14 @@ from wire.errors import ErrorCode, LamaError
 GGUF_MAGIC = b"GGUF"
 _ALIGNMENT_DEFAULT = 32
 
-# GGUF value types (gguf.h)
+# GGUF value types (gguf.h): type -> struct format
 _SCALARS = {
     0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
 }
+_SCALAR_STRUCTS = {t: struct.Struct(fmt) for t, fmt in _SCALARS.items()}
 _STRING, _ARRAY = 8, 9
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 # ggml_type -> (block size in elements, bytes per block); enough to size every tensor.
 _GGML_TYPE_SIZE: dict[int, tuple[int, int]] = {
@@ -42,8 +50,9 @@ _FILE_TYPES = {
     26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
 }
 
-# Arrays we skip rather than materialise (the vocabulary is 50k+ strings).
-_SKIP_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"}
+_MAX_STRING = 1 << 26
+_MAX_ARRAY = 1 << 28
+_MAX_COUNT = 1 << 20
 
 
 class ModelInfo(msgspec.Struct, frozen=True, rename="camel"):
@@ -62,51 +71,146 @@ class ModelInfo(msgspec.Struct, frozen=True, rename="camel"):
     vocab_size: int | None
     tensor_count: int
     tensor_data_bytes: int
+    # Added with issue 7 (all optional, so older payloads still decode).
+    gguf_version: int = 3
+    key_length: int | None = None
+    value_length: int | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    tensor_data_offset: int = 0
+
+    @property
+    def n_embd_k_gqa(self) -> int | None:
+        """K width per token per layer (head_dim_k x n_head_kv), as llama.cpp sizes the KV cache."""
+        return _gqa(self, self.key_length)
+
+    @property
+    def n_embd_v_gqa(self) -> int | None:
+        return _gqa(self, self.value_length)
 
 
-class _Reader:
-    def __init__(self, f: BinaryIO, path: str) -> None:
-        self.f = f
+def _gqa(info: ModelInfo, head_dim: int | None) -> int | None:
+    if head_dim is None:
+        if not info.embedding_length or not info.head_count:
+            return None
+        head_dim = info.embedding_length // info.head_count
+    kv = info.head_count_kv or info.head_count
+    return head_dim * kv if kv else None
+
+
+def _invalid(path: str, why: str, **details: Any) -> LamaError:
+    return LamaError(ErrorCode.MODEL_INVALID, f"{path}: {why}", path=path, **details)
+
+
+class _Walker:
+    """Offset-based reader over a memory-mapped file."""
+
+    __slots__ = ("buf", "pos", "path", "end")
+
+    def __init__(self, buf: mmap.mmap, path: str) -> None:
+        self.buf = buf
+        self.pos = 0
         self.path = path
+        self.end = len(buf)
 
-    def read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise LamaError(ErrorCode.MODEL_INVALID, f"{self.path}: GGUF header is truncated", path=self.path)
-        return data
+    def need(self, n: int) -> None:
+        if self.pos + n > self.end:
+            raise _invalid(self.path, "GGUF header is truncated")
 
-    def scalar(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+    def u32(self) -> int:
+        self.need(4)
+        (v,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return v
+
+    def u64(self) -> int:
+        self.need(8)
+        (v,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return v
 
     def string(self) -> str:
-        n = self.scalar("<Q")
-        if n > 1 << 26:
-            raise LamaError(ErrorCode.MODEL_INVALID, f"{self.path}: implausible string length {n}", path=self.path)
-        return self.read(n).decode("utf-8", errors="replace")
+        n = self.u64()
+        if n > _MAX_STRING:
+            raise _invalid(self.path, f"implausible string length {n}")
+        self.need(n)
+        s = self.buf[self.pos : self.pos + n].decode("utf-8", errors="replace")
+        self.pos += n
+        return s
 
-    def value(self, vtype: int, keep: bool = True) -> Any:
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype])
+    def scalar(self, vtype: int) -> Any:
+        st = _SCALAR_STRUCTS[vtype]
+        self.need(st.size)
+        (v,) = st.unpack_from(self.buf, self.pos)
+        self.pos += st.size
+        return v
+
+    def value(self, vtype: int, key: str) -> Any:
+        if vtype in _SCALAR_STRUCTS:
+            return self.scalar(vtype)
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            itype = self.scalar("<I")
-            n = self.scalar("<Q")
-            if n > 1 << 28:
-                raise LamaError(ErrorCode.MODEL_INVALID, f"{self.path}: implausible array length {n}", path=self.path)
-            if not keep and itype in _SCALARS:
-                self.read(n * struct.calcsize(_SCALARS[itype]))
-                return n
-            items = [self.value(itype, keep) for _ in range(n)]
-            return items if keep else n
-        raise LamaError(ErrorCode.MODEL_INVALID, f"{self.path}: unknown GGUF value type {vtype}", path=self.path)
+            itype = self.u32()
+            n = self.u64()
+            if n > _MAX_ARRAY:
+                raise _invalid(self.path, f"implausible array length {n} for {key}")
+            return self.skip_array(itype, n, key)
+        raise _invalid(self.path, f"unknown GGUF value type {vtype} for {key}")
+
+    def skip_array(self, itype: int, n: int, key: str) -> "_Array":
+        start = self.pos
+        if itype in _SCALAR_STRUCTS:
+            size = _SCALAR_STRUCTS[itype].size * n
+            self.need(size)
+            self.pos += size
+        elif itype == _STRING:
+            buf, pos, end = self.buf, self.pos, self.end
+            unpack = _U64.unpack_from
+            try:
+                for _ in range(n):
+                    pos += 8 + unpack(buf, pos)[0]
+            except struct.error:
+                raise _invalid(self.path, "GGUF header is truncated") from None
+            if pos > end:
+                raise _invalid(self.path, "GGUF header is truncated")
+            self.pos = pos
+        elif itype == _ARRAY:
+            for _ in range(n):
+                sub = self.u32()
+                m = self.u64()
+                if m > _MAX_ARRAY:
+                    raise _invalid(self.path, f"implausible array length {m} for {key}")
+                self.skip_array(sub, m, key)
+        else:
+            raise _invalid(self.path, f"unknown GGUF array item type {itype} for {key}")
+        return _Array(itype, n, start)
+
+    def string_at_index(self, arr: "_Array", index: int) -> str | None:
+        if arr.itype != _STRING or not 0 <= index < arr.length:
+            return None
+        saved = self.pos
+        self.pos = arr.offset
+        unpack, buf = _U64.unpack_from, self.buf
+        pos = self.pos
+        for _ in range(index):
+            pos += 8 + unpack(buf, pos)[0]
+        self.pos = pos
+        s = self.string()
+        self.pos = saved
+        return s
+
+
+class _Array(msgspec.Struct, frozen=True):
+    itype: int
+    length: int
+    offset: int
 
 
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     """Inspect a GGUF file; raise ``model_file_missing`` or ``model_invalid`` with the reason."""
     path = os.fspath(path)
     try:
-        size = os.stat(path).st_size
         f = open(path, "rb")
     except FileNotFoundError:
         raise LamaError(ErrorCode.MODEL_FILE_MISSING, f"model file not found: {path}", path=path) from None
@@ -115,67 +219,107 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     except OSError as exc:
         raise LamaError(ErrorCode.MODEL_FILE_MISSING, f"cannot open model file {path}: {exc.strerror}", path=path) from None
     with f:
+        size = os.fstat(f.fileno()).st_size
         if size == 0:
-            raise LamaError(ErrorCode.MODEL_INVALID, f"{path}: file is empty", path=path)
-        r = _Reader(f, path)
-        if f.read(4) != GGUF_MAGIC:
-            raise LamaError(ErrorCode.MODEL_INVALID, f"{path}: not a GGUF file (bad magic)", path=path)
-        version = r.scalar("<I")
-        if version not in (2, 3):
-            raise LamaError(ErrorCode.MODEL_INVALID, f"{path}: unsupported GGUF version {version}", path=path)
-        n_tensors = r.scalar("<Q")
-        n_kv = r.scalar("<Q")
-        if n_tensors > 1 << 20 or n_kv > 1 << 20:
-            raise LamaError(ErrorCode.MODEL_INVALID, f"{path}: implausible header counts", path=path)
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = r.string()
-            vtype = r.scalar("<I")
-            meta[key] = r.value(vtype, keep=key not in _SKIP_ARRAYS)
-        params = 0
-        data_end = 0
-        for _ in range(n_tensors):
-            r.string()
-            n_dims = r.scalar("<I")
-            if n_dims > 8:
-                raise LamaError(ErrorCode.MODEL_INVALID, f"{path}: tensor with {n_dims} dimensions", path=path)
-            dims = [r.scalar("<Q") for _ in range(n_dims)]
-            ggml_type = r.scalar("<I")
-            offset = r.scalar("<Q")
-            elements = 1
-            for d in dims:
-                elements *= d
-            params += elements
-            block, nbytes = _GGML_TYPE_SIZE.get(ggml_type, (1, 0))
-            data_end = max(data_end, offset + elements // block * nbytes)
-        alignment = int(meta.get("general.alignment", _ALIGNMENT_DEFAULT))
-        header_end = f.tell()
-        data_start = (header_end + alignment - 1) // alignment * alignment
-        if data_start + data_end > size:
-            raise LamaError(
-                ErrorCode.MODEL_INVALID,
-                f"{path}: tensor data is cut off ({size} bytes on disk, {data_start + data_end} expected)",
-                path=path,
-                expected_size=data_start + data_end,
-                size=size,
-            )
-    arch = str(meta.get("general.architecture", "unknown"))
-    ftype = meta.get("general.file_type")
-    vocab = meta.get("tokenizer.ggml.tokens")
+            raise _invalid(path, "file is empty")
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise _invalid(path, f"cannot map file: {exc}") from None
+        try:
+            return _parse(buf, path, size)
+        finally:
+            buf.close()
+
+
+def _parse(buf: mmap.mmap, path: str, size: int) -> ModelInfo:
+    w = _Walker(buf, path)
+    if size < 4 or buf[:4] != GGUF_MAGIC:
+        raise _invalid(path, "not a GGUF file (bad magic)")
+    w.pos = 4
+    version = w.u32()
+    if version not in (2, 3):
+        raise _invalid(path, f"unsupported GGUF version {version}")
+    n_tensors = w.u64()
+    n_kv = w.u64()
+    if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
+        raise _invalid(path, f"implausible header counts ({n_tensors} tensors, {n_kv} keys)")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = w.string()
+        vtype = w.u32()
+        meta[key] = w.value(vtype, key)
+    params = 0
+    data_end = 0
+    for _ in range(n_tensors):
+        w.string()
+        n_dims = w.u32()
+        if n_dims > 8:
+            raise _invalid(path, f"tensor with {n_dims} dimensions")
+        elements = 1
+        for _ in range(n_dims):
+            elements *= w.u64()
+        ggml_type = w.u32()
+        offset = w.u64()
+        params += elements
+        block, nbytes = _GGML_TYPE_SIZE.get(ggml_type, (1, 0))
+        data_end = max(data_end, offset + elements // block * nbytes)
+    alignment = meta.get("general.alignment", _ALIGNMENT_DEFAULT)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise _invalid(path, f"bad general.alignment {alignment!r}")
+    data_start = (w.pos + alignment - 1) // alignment * alignment
+    if data_start + data_end > size:
+        raise _invalid(
+            path,
+            f"tensor data is cut off ({size} bytes on disk, {data_start + data_end} expected)",
+            expected_size=data_start + data_end,
+            size=size,
+        )
+
+    def meta_int(key: str) -> int | None:
+        v = meta.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    def meta_str(key: str) -> str | None:
+        v = meta.get(key)
+        return v if isinstance(v, str) else None
+
+    arch = meta_str("general.architecture") or "unknown"
+    ftype = meta_int("general.file_type")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = tokens.length if isinstance(tokens, _Array) else None
+    bos = eos = None
+    if isinstance(tokens, _Array):
+        bos_id, eos_id = meta_int("tokenizer.ggml.bos_token_id"), meta_int("tokenizer.ggml.eos_token_id")
+        bos = w.string_at_index(tokens, bos_id) if bos_id is not None else None
+        eos = w.string_at_index(tokens, eos_id) if eos_id is not None else None
+    head_count = meta.get(f"{arch}.attention.head_count")
+    head_count_kv = meta.get(f"{arch}.attention.head_count_kv")
+    # Per-layer head counts (some architectures) are arrays; llama.cpp sizes by the max.
+    if isinstance(head_count, _Array):
+        head_count = None
+    if isinstance(head_count_kv, _Array):
+        head_count_kv = None
     return ModelInfo(
         path=path,
         size=size,
         architecture=arch,
-        name=meta.get("general.name"),
-        context_length=meta.get(f"{arch}.context_length"),
-        quantization=_FILE_TYPES.get(ftype) if isinstance(ftype, int) else None,
+        name=meta_str("general.name"),
+        context_length=meta_int(f"{arch}.context_length"),
+        quantization=_FILE_TYPES.get(ftype) if ftype is not None else None,
         parameter_count=params,
-        chat_template=meta.get("tokenizer.chat_template"),
-        embedding_length=meta.get(f"{arch}.embedding_length"),
-        block_count=meta.get(f"{arch}.block_count"),
-        head_count=meta.get(f"{arch}.attention.head_count"),
-        head_count_kv=meta.get(f"{arch}.attention.head_count_kv"),
-        vocab_size=vocab if isinstance(vocab, int) else None,
+        chat_template=meta_str("tokenizer.chat_template"),
+        embedding_length=meta_int(f"{arch}.embedding_length"),
+        block_count=meta_int(f"{arch}.block_count"),
+        head_count=head_count if isinstance(head_count, int) else None,
+        head_count_kv=head_count_kv if isinstance(head_count_kv, int) else None,
+        vocab_size=vocab,
         tensor_count=n_tensors,
         tensor_data_bytes=data_end,
+        gguf_version=version,
+        key_length=meta_int(f"{arch}.attention.key_length"),
+        value_length=meta_int(f"{arch}.attention.value_length"),
+        bos_token=bos,
+        eos_token=eos,
+        tensor_data_offset=data_start,
     )

@@ -7,18 +7,19 @@ from typing import Literal
 import msgspec
 
 from wire.messages import Channel, FinishReason, Timing, Usage
-from wire.params import DEFAULTS, ModelParams, SamplingParams
+from wire.params import DEFAULTS, BatchSize, ContextSize, GpuLayers, ModelParams, SamplingParams, SeqMax, Threads
 
 
 class ModelConfig(msgspec.Struct, frozen=True, rename="camel"):
     """A fully resolved load configuration. Two equal configs share one loaded model."""
 
     model_path: str
-    n_ctx: int = DEFAULTS.n_ctx
-    n_batch: int = DEFAULTS.n_batch
-    n_gpu_layers: int = DEFAULTS.n_gpu_layers
-    n_threads: int = DEFAULTS.n_threads
-    n_seq_max: int = DEFAULTS.n_seq_max
+    # The bounds are wire/params.py's (ModelParams); the engine checks them by a msgspec round trip.
+    n_ctx: ContextSize = DEFAULTS.n_ctx  # per sequence: each of n_seq_max conversations gets n_ctx cells
+    n_batch: BatchSize = DEFAULTS.n_batch
+    n_gpu_layers: GpuLayers = DEFAULTS.n_gpu_layers
+    n_threads: Threads = DEFAULTS.n_threads
+    n_seq_max: SeqMax = DEFAULTS.n_seq_max
 
     @classmethod
     def resolve(cls, model_path: str, *layers: ModelParams | None) -> "ModelConfig":
@@ -60,6 +61,8 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     messages: tuple[ChatTurn, ...] = ()
     prompt: str | None = None
     conversation: str | None = None
+    # Added with issue 7: keep generating through end-of-generation tokens (benchmarks).
+    ignore_eos: bool = False
 
 
 class TokenChunk(msgspec.Struct, frozen=True):

@@ -1,0 +1,137 @@
+"""The pipe protocol between :class:`engine.runtime.Engine` and ``python -m engine.worker``.
+
+Frames are a 4-byte big-endian length followed by one msgpack-encoded tagged
+Struct. Commands flow parent -> worker on the worker's stdin; events flow
+worker -> parent on a private copy of the worker's stdout (fd 1 itself is
+pointed at stderr inside the worker so that stray C prints cannot corrupt the
+stream). Each direction has one Encoder and one Decoder, built once.
+
+Generations are addressed by ``gid``, a per-worker integer the parent assigns;
+the caller's ``request_id`` stays on the parent side, so a request id may be
+reused the moment its previous generation has ended.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Union
+
+import msgspec
+
+from engine.types import GenerateRequest, GenerationResult, ModelConfig
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 64 << 20
+
+
+class _Msg(msgspec.Struct, frozen=True, tag_field="t", array_like=False):
+    pass
+
+
+# ---- parent -> worker -------------------------------------------------------
+
+
+class Load(_Msg, tag="load"):
+    config: ModelConfig
+    # n_gpu_layers actually requested after the parent's own checks (GPU retry lives in the worker)
+    log_level: int = 3  # llama.cpp ggml_log_level at or above which log lines are forwarded to stderr
+
+
+class Generate(_Msg, tag="gen"):
+    gid: int
+    request: GenerateRequest
+
+
+class Cancel(_Msg, tag="cancel"):
+    gid: int
+
+
+class Shutdown(_Msg, tag="shutdown"):
+    pass
+
+
+class Crash(_Msg, tag="crash"):
+    """Test hook: make the worker die the way a native crash would (``signal`` number)."""
+
+    signal: int
+
+
+Command = Union[Load, Generate, Cancel, Shutdown, Crash]
+
+
+# ---- worker -> parent -------------------------------------------------------
+
+
+class Loaded(_Msg, tag="loaded"):
+    pid: int
+    llama_cpp_version: str
+    system_info: str
+    supports_gpu_offload: bool
+    n_gpu_layers_requested: int
+    n_gpu_layers_used: int
+    reason_no_gpu: str | None
+    n_ctx_seq: int
+    n_seq_max: int
+    n_batch: int
+    n_threads: int
+    chat_template_source: str  # "gguf" or "chatml-fallback"
+    chat_template_note: str | None
+    load_seconds: float
+    model_bytes: int
+    n_params: int
+
+
+class LoadFailed(_Msg, tag="load_failed"):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class Chunk(_Msg, tag="chunk"):
+    gid: int
+    text: str
+    channel: str = "content"
+
+
+class Started(_Msg, tag="started"):
+    """The generation got a sequence slot; prompt evaluation begins."""
+
+    gid: int
+    seq: int
+    prompt_tokens: int
+    cached_tokens: int
+    dropped_turns: int = 0
+    truncated: bool = False
+
+
+class Done(_Msg, tag="done"):
+    gid: int
+    result: GenerationResult
+
+
+class Failed(_Msg, tag="failed"):
+    gid: int
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class Stats(_Msg, tag="stats"):
+    """Sent after each generation ends: slot occupancy, for diagnostics."""
+
+    active: int
+    queued: int
+    slots: list[dict[str, Any]]
+
+
+Event = Union[Loaded, LoadFailed, Chunk, Started, Done, Failed, Stats]
+
+command_encoder = msgspec.msgpack.Encoder()
+command_decoder = msgspec.msgpack.Decoder(Command)
+event_encoder = msgspec.msgpack.Encoder()
+event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+def frame(encoder: msgspec.msgpack.Encoder, msg: msgspec.Struct) -> bytes:
+    body = encoder.encode(msg)
+    return HEADER.pack(len(body)) + body

@@ -1,0 +1,564 @@
+"""The engine: one owner of every loaded model, each in a crash-isolated worker process.
+
+``Engine`` is the only registry of context handles (the seed's
+``contextRegistry``). ``initialize`` validates the config, reads the GGUF
+header (no weights), predicts memory against what is really available, and
+starts (or shares) a worker process that loads the model. Two ``initialize``
+calls with the same model file and config share one worker (refcounted by
+handle); ``release`` of the last handle stops it.
+
+A worker that dies (native crash, OOM kill, abort on a corrupt file) fails
+every generation it held with a clear ``LamaError`` (``model_load_failed``
+while loading, ``internal`` while generating); the next request on the same
+handle starts a fresh worker and reloads the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from engine.gguf import ModelInfo, read_model_info
+from engine.memory import MemoryAvailable, MemoryPrediction, MemoryProbe, available_memory, fits, predict_memory
+from engine.protocol import (
+    HEADER,
+    Cancel,
+    Chunk,
+    Done,
+    Failed,
+    Generate,
+    Load,
+    Loaded,
+    LoadFailed,
+    Shutdown,
+    Started,
+    Stats,
+    command_encoder,
+    event_decoder,
+    frame,
+)
+from engine.types import GenerateRequest, GenerationResult, ModelConfig, TokenChunk
+from wire.errors import ErrorCode, LamaError
+from wire.params import GenerationParams
+
+log = logging.getLogger("engine")
+
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+_request_decoder = msgspec.json.Decoder(GenerateRequest)
+_config_decoder = msgspec.json.Decoder(ModelConfig)
+_sampling_decoder = msgspec.json.Decoder(GenerationParams)
+_json = msgspec.json.Encoder()
+
+
+def _signal_name(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class _GenState:
+    __slots__ = ("gid", "request_id", "queue", "started")
+
+    def __init__(self, gid: int, request_id: str) -> None:
+        self.gid = gid
+        self.request_id = request_id
+        self.queue: asyncio.Queue[TokenChunk | GenerationResult | LamaError] = asyncio.Queue()
+        self.started: Started | None = None
+
+
+class _Worker:
+    """One ``python -m engine.worker`` process and the tasks that read its pipes."""
+
+    def __init__(self, python: str, config: ModelConfig, log_level: int) -> None:
+        self.python = python
+        self.config = config
+        self.log_level = log_level
+        self.proc: asyncio.subprocess.Process | None = None
+        self.gens: dict[int, _GenState] = {}
+        self.next_gid = 1
+        self.loaded: Loaded | None = None
+        self.stats: Stats | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=60)
+        self.dead = False
+        self.closing = False
+        self.loading = True
+        self.returncode: int | None = None
+        self._loaded_fut: asyncio.Future[Loaded] = asyncio.get_running_loop().create_future()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._exited = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def start(self, timeout: float) -> Loaded:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = await asyncio.create_subprocess_exec(
+            self.python,
+            "-m",
+            "engine.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=_PROJECT_ROOT,
+        )
+        self._tasks = [
+            asyncio.create_task(self._read_events(), name=f"engine-worker-{self.proc.pid}-events"),
+            asyncio.create_task(self._read_stderr(), name=f"engine-worker-{self.proc.pid}-stderr"),
+        ]
+        self.send(Load(self.config, self.log_level))
+        try:
+            loaded = await asyncio.wait_for(asyncio.shield(self._loaded_fut), timeout)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise LamaError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f"loading {self.config.model_path} took longer than {timeout:.0f} s",
+                path=self.config.model_path,
+            ) from None
+        except BaseException:
+            await self.close()
+            raise
+        self.loading = False
+        return loaded
+
+    def send(self, cmd: msgspec.Struct) -> bool:
+        proc = self.proc
+        if self.dead or proc is None or proc.stdin is None or proc.stdin.is_closing():
+            return False
+        try:
+            proc.stdin.write(frame(command_encoder, cmd))
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            return False
+        return True
+
+    def submit(self, request: GenerateRequest) -> _GenState:
+        gid = self.next_gid
+        self.next_gid += 1
+        st = _GenState(gid, request.request_id)
+        self.gens[gid] = st
+        if not self.send(Generate(gid, request)):
+            del self.gens[gid]
+            raise self._death_error()
+        return st
+
+    def cancel(self, gid: int) -> bool:
+        return gid in self.gens and self.send(Cancel(gid))
+
+    def forget(self, gid: int) -> None:
+        """The consumer went away: stop the generation and drop whatever still comes for it."""
+        if self.gens.pop(gid, None) is not None:
+            self.send(Cancel(gid))
+
+    async def _read_events(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        reader = self.proc.stdout
+        try:
+            while True:
+                hdr = await reader.readexactly(HEADER.size)
+                (n,) = HEADER.unpack(hdr)
+                ev = event_decoder.decode(await reader.readexactly(n))
+                self._dispatch(ev)
+        except asyncio.IncompleteReadError:
+            pass
+        except Exception as exc:  # a corrupt frame: treat the worker as broken
+            log.error("engine worker %s: bad event stream: %r", self.pid, exc)
+            if self.proc.returncode is None:
+                self.proc.kill()
+        self.returncode = await self.proc.wait()
+        self._on_exit()
+
+    async def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            text = line.decode("utf-8", errors="replace").rstrip()
+            if text:
+                self.stderr_tail.append(text)
+                log.debug("worker %s: %s", self.pid, text)
+
+    def _dispatch(self, ev: Any) -> None:
+        if isinstance(ev, Chunk):
+            st = self.gens.get(ev.gid)
+            if st is not None:
+                st.queue.put_nowait(TokenChunk(ev.text, ev.channel))  # type: ignore[arg-type]
+        elif isinstance(ev, Done):
+            st = self.gens.pop(ev.gid, None)
+            if st is not None:
+                st.queue.put_nowait(ev.result)
+        elif isinstance(ev, Started):
+            st = self.gens.get(ev.gid)
+            if st is not None:
+                st.started = ev
+        elif isinstance(ev, Failed):
+            st = self.gens.pop(ev.gid, None)
+            if st is not None:
+                st.queue.put_nowait(LamaError(ev.code, ev.message, **ev.details))
+        elif isinstance(ev, Stats):
+            self.stats = ev
+        elif isinstance(ev, Loaded):
+            self.loaded = ev
+            if not self._loaded_fut.done():
+                self._loaded_fut.set_result(ev)
+        elif isinstance(ev, LoadFailed):
+            if not self._loaded_fut.done():
+                self._loaded_fut.set_exception(LamaError(ev.code, ev.message, **ev.details))
+
+    def _death_error(self) -> LamaError:
+        how = _signal_name(self.returncode)
+        tail = " | ".join(list(self.stderr_tail)[-4:])
+        detail = f"; last output: {tail}" if tail else ""
+        if self.closing:
+            return LamaError(ErrorCode.CANCELLED, "the model was released while generating")
+        if self.loading:
+            return LamaError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f"the llama worker (pid {self.pid}) died while loading {self.config.model_path} ({how}){detail}",
+                path=self.config.model_path,
+                exit=how,
+            )
+        return LamaError(
+            ErrorCode.INTERNAL,
+            f"the llama worker (pid {self.pid}) died during generation ({how}){detail}",
+            exit=how,
+        )
+
+    def _on_exit(self) -> None:
+        self.dead = True
+        err = self._death_error()
+        if not self._loaded_fut.done():
+            self._loaded_fut.set_exception(err)
+        for st in self.gens.values():
+            st.queue.put_nowait(err)
+        self.gens.clear()
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self._exited.set()
+        if not self.closing:
+            log.warning("engine worker %s for %s exited: %s", self.pid, self.config.model_path, err.message)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker (gracefully, then SIGKILL) and reap it. Idempotent."""
+        if self.proc is None:
+            return
+        self.closing = True
+        if not self.dead:
+            self.send(Shutdown())
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self._exited.wait(), timeout)
+            except asyncio.TimeoutError:
+                if self.proc.returncode is None:
+                    self.proc.kill()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._loaded_fut.done() and not self._loaded_fut.cancelled():
+            self._loaded_fut.exception()  # retrieved, so asyncio does not warn about it
+
+
+class _Model:
+    """A loaded model: config, GGUF info, memory prediction, handles, and its (current) worker."""
+
+    def __init__(self, key: tuple[Any, ...], config: ModelConfig, info: ModelInfo, prediction: MemoryPrediction) -> None:
+        self.key = key
+        self.config = config
+        self.info = info
+        self.prediction = prediction
+        self.available_at_load: MemoryAvailable | None = None
+        self.handles: set[str] = set()
+        self.worker: _Worker | None = None
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self.lock = asyncio.Lock()
+
+
+class Engine:
+    """Async context manager owning every worker process. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        worker_python: str = sys.executable,
+        memory_probe: MemoryProbe = available_memory,
+        load_timeout: float = 120.0,
+        llama_log_level: int = 4,
+    ) -> None:
+        self._python = worker_python
+        self._memory_probe = memory_probe
+        self._load_timeout = load_timeout
+        self._log_level = llama_log_level
+        self._models: dict[tuple[Any, ...], _Model] = {}
+        self._handles: dict[str, _Model] = {}
+        self._running: dict[str, list[tuple[_Worker, _GenState]]] = {}
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def __aenter__(self) -> "Engine":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            models = list(self._models.values())
+            self._models.clear()
+            self._handles.clear()
+        await asyncio.gather(*(m.worker.close() for m in models if m.worker is not None), return_exceptions=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LamaError(ErrorCode.INTERNAL, "the engine is closed")
+
+    # ---- models -----------------------------------------------------------
+
+    async def model_info(self, path: str) -> ModelInfo:
+        """GGUF metadata without loading weights, read off the event loop."""
+        return await asyncio.to_thread(read_model_info, path)
+
+    @staticmethod
+    def _validate_config(config: ModelConfig) -> ModelConfig:
+        if not isinstance(config, ModelConfig):
+            raise LamaError(ErrorCode.BAD_REQUEST, "config must be a ModelConfig", field="config")
+        try:
+            config = _config_decoder.decode(_json.encode(config))
+        except msgspec.ValidationError as exc:
+            raise LamaError.from_validation(exc) from None
+        if not config.model_path:
+            raise LamaError(ErrorCode.BAD_REQUEST, "modelPath is empty", field="$.modelPath")
+        return config
+
+    async def initialize(self, config: ModelConfig) -> str:
+        """Load (or share) a model; return an opaque handle."""
+        self._check_open()
+        config = self._validate_config(config)
+        path = os.path.realpath(config.model_path)
+        config = msgspec.structs.replace(config, model_path=path)
+        info = await self.model_info(path)
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns, *msgspec.structs.astuple(config)[1:])
+        async with self._lock:
+            self._check_open()
+            model = self._models.get(key)
+            if model is None:
+                prediction = predict_memory(info, config)
+                available = self._memory_probe()
+                if not fits(prediction, available):
+                    raise LamaError(
+                        ErrorCode.OUT_OF_MEMORY,
+                        f"{path} needs about {prediction.total_bytes / 2**20:.0f} MiB "
+                        f"(weights {prediction.weights_bytes / 2**20:.0f}, KV cache {prediction.kv_cache_bytes / 2**20:.0f}, "
+                        f"compute {prediction.compute_bytes / 2**20:.0f}) but only {available.bytes / 2**20:.0f} MiB "
+                        f"are available ({available.source}); lower contextSize or parallel",
+                        needed=prediction.total_bytes,
+                        available=available.bytes,
+                    )
+                model = _Model(key, config, info, prediction)
+                model.available_at_load = available
+                model.worker = await self._start_worker(model)
+                self._models[key] = model
+            handle = "ctx-" + secrets.token_hex(12)
+            model.handles.add(handle)
+            self._handles[handle] = model
+        return handle
+
+    async def _start_worker(self, model: _Model) -> _Worker:
+        worker = _Worker(self._python, model.config, self._log_level)
+        await worker.start(self._load_timeout)
+        return worker
+
+    async def _live_worker(self, model: _Model) -> _Worker:
+        async with model.lock:
+            w = model.worker
+            if w is not None and not w.dead:
+                return w
+            if w is not None:
+                model.last_exit = _signal_name(w.returncode)
+                await w.close()
+            model.restarts += 1
+            model.worker = None
+            self._check_open()
+            model.worker = await self._start_worker(model)
+            return model.worker
+
+    async def release(self, handle: str) -> None:
+        async with self._lock:
+            model = self._handles.pop(handle, None)
+            if model is None:
+                raise LamaError(ErrorCode.NOT_FOUND, f"unknown or released handle {handle!r}", handle=handle)
+            model.handles.discard(handle)
+            if model.handles:
+                return
+            self._models.pop(model.key, None)
+        if model.worker is not None:
+            await model.worker.close()
+
+    def _model_for(self, handle: str) -> _Model:
+        model = self._handles.get(handle)
+        if model is None:
+            raise LamaError(ErrorCode.NOT_FOUND, f"unknown or released handle {handle!r}", handle=handle)
+        return model
+
+    # ---- generation ------------------------------------------------------------
+
+    @staticmethod
+    def _validate_request(request: GenerateRequest) -> GenerateRequest:
+        if not isinstance(request, GenerateRequest):
+            raise LamaError(ErrorCode.BAD_REQUEST, "request must be a GenerateRequest", field="request")
+        try:
+            _sampling_decoder.decode(_json.encode(request.sampling))
+        except msgspec.ValidationError as exc:
+            err = LamaError.from_validation(exc)
+            field = err.details.get("field")
+            if field:
+                err.details["field"] = "sampling." + field.removeprefix("$.")
+            raise err from None
+        try:
+            request = _request_decoder.decode(_json.encode(request))
+        except msgspec.ValidationError as exc:
+            raise LamaError.from_validation(exc) from None
+        if not request.request_id:
+            raise LamaError(ErrorCode.BAD_REQUEST, "request_id is empty", field="request_id")
+        if (request.prompt is None) == (not request.messages):
+            raise LamaError(
+                ErrorCode.BAD_REQUEST, "give exactly one of messages (chat) or prompt (raw completion)", field="messages"
+            )
+        return request
+
+    async def generate_stream(
+        self, handle: str, request: GenerateRequest
+    ) -> AsyncIterator[TokenChunk | GenerationResult]:
+        """Chunks as they come, then exactly one GenerationResult. Cancelling the consumer stops the worker."""
+        self._check_open()
+        model = self._model_for(handle)
+        request = self._validate_request(request)
+        worker = await self._live_worker(model)
+        st = worker.submit(request)
+        entry = (worker, st)
+        self._running.setdefault(request.request_id, []).append(entry)
+        finished = False
+        try:
+            while True:
+                item = await st.queue.get()
+                if isinstance(item, LamaError):
+                    finished = True
+                    raise item
+                if isinstance(item, GenerationResult):
+                    finished = True
+                    yield item
+                    return
+                yield item
+        finally:
+            running = self._running.get(request.request_id)
+            if running is not None:
+                running.remove(entry)
+                if not running:
+                    del self._running[request.request_id]
+            if not finished:
+                worker.forget(st.gid)
+
+    async def generate(self, handle: str, request: GenerateRequest) -> GenerationResult:
+        result: GenerationResult | None = None
+        async for item in self.generate_stream(handle, request):
+            if isinstance(item, GenerationResult):
+                result = item
+        assert result is not None
+        return result
+
+    async def cancel(self, request_id: str) -> bool:
+        """Ask the worker to stop ``request_id``; its stream ends with finish_reason="cancelled"."""
+        sent = False
+        for worker, st in self._running.get(request_id, []):
+            sent = worker.cancel(st.gid) or sent
+        return sent
+
+    # ---- diagnostics ------------------------------------------------------------
+
+    def diagnostics(self) -> dict[str, Any]:
+        models = []
+        build: dict[str, Any] | None = None
+        for m in self._models.values():
+            w = m.worker
+            loaded = w.loaded if w is not None else None
+            if loaded is not None and build is None:
+                build = {
+                    "llamaCppPython": loaded.llama_cpp_version,
+                    "systemInfo": loaded.system_info,
+                    "supportsGpuOffload": loaded.supports_gpu_offload,
+                }
+            models.append(
+                {
+                    "path": m.config.model_path,
+                    "name": m.info.name,
+                    "architecture": m.info.architecture,
+                    "quantization": m.info.quantization,
+                    "config": msgspec.to_builtins(m.config),
+                    "handles": sorted(m.handles),
+                    "worker": {
+                        "pid": w.pid if w is not None else None,
+                        "alive": w is not None and not w.dead,
+                        "restarts": m.restarts,
+                        "lastExit": m.last_exit,
+                        "rssBytes": _rss(w.pid) if w is not None and not w.dead else None,
+                        "generations": len(w.gens) if w is not None else 0,
+                        "slots": w.stats.slots if w is not None and w.stats is not None else None,
+                    },
+                    "gpu": {
+                        "nGpuLayersRequested": m.config.n_gpu_layers,
+                        "nGpuLayersUsed": loaded.n_gpu_layers_used if loaded else None,
+                        "reasonNoGPU": loaded.reason_no_gpu if loaded else None,
+                    },
+                    "context": {
+                        "nCtxPerSequence": loaded.n_ctx_seq if loaded else None,
+                        "nSeqMax": loaded.n_seq_max if loaded else None,
+                        "nBatch": loaded.n_batch if loaded else None,
+                        "nThreads": loaded.n_threads if loaded else None,
+                        "chatTemplate": loaded.chat_template_source if loaded else None,
+                        "chatTemplateNote": loaded.chat_template_note if loaded else None,
+                    },
+                    "memory": {
+                        "predicted": msgspec.to_builtins(m.prediction),
+                        "availableAtLoad": msgspec.to_builtins(m.available_at_load) if m.available_at_load else None,
+                    },
+                    "loadSeconds": loaded.load_seconds if loaded else None,
+                }
+            )
+        return {
+            "models": models,
+            "workers": sum(1 for m in self._models.values() if m.worker is not None and not m.worker.dead),
+            "handles": len(self._handles),
+            "build": build,
+            "memoryAvailable": msgspec.to_builtins(self._memory_probe()),
+        }
+
+
+def _rss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
