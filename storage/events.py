@@ -87,7 +87,7 @@ class ModelLoaded(DomainEvent, tag="model.loaded"):
 
 
 class ModelUnloaded(DomainEvent, tag="model.unloaded"):
-    reason: Literal["requested", "idle", "evicted", "removed", "shutdown", "restart"] = "requested"
+    reason: Literal["requested", "idle", "evicted", "removed", "reconfigured", "shutdown", "restart"] = "requested"
 
 
 class ModelLoadFailed(DomainEvent, tag="model.load_failed"):
@@ -122,15 +122,21 @@ class TopicMessageSeen(DomainEvent, tag="topic.message_seen"):
     author_id: str
     text: str
     sent_at: str
-    """ISO-8601 as the sender stated it; kept verbatim rather than re-parsed."""
+    """ISO-8601 as the sender stated it."""
+    unanswered: str | None = None
+    """Set when the message was handled without a reply (``cancelled``, ...): it is settled all the same."""
 
 
 class TopicReplyPosted(DomainEvent, tag="topic.reply_posted"):
+    """The AI's reply to ``reply_to``: enough to publish it again, byte for byte, after a crash."""
+
     message_id: str
     reply_to: str
     model_id: str
     author_id: str
     text: str
+    sent_at: str
+    thinking: str = ""
     tokens: int = 0
     finish_reason: str | None = None
     usage: Usage | None = None

@@ -134,6 +134,8 @@ class Turn(msgspec.Struct, frozen=True, rename="camel"):
     sent_at: str | None = None
     reply_to: str | None = None
     model_id: str | None = None
+    unanswered: str | None = None
+    """Why a user message got no reply (``cancelled``, ...); None for answered messages and replies."""
 
 
 class RegistryState(msgspec.Struct, frozen=True):
@@ -145,7 +147,8 @@ class RegistryState(msgspec.Struct, frozen=True):
     topics: dict[str, TopicRoom]
     history: dict[str, tuple[Turn, ...]]
     seen: dict[str, frozenset[str]]
-    replied: dict[str, frozenset[str]]
+    replies: dict[str, dict[str, TopicReplyPosted]]
+    ai_person_ids: frozenset[str]
 
 
 class Projections:
@@ -159,7 +162,10 @@ class Projections:
         self.topics: dict[str, TopicRoom] = {}
         self.history: dict[str, list[Turn]] = {}
         self.seen: dict[str, set[str]] = {}
-        self.replied: dict[str, set[str]] = {}
+        # topic -> user message id -> the reply event (kept whole: a redelivery republishes it)
+        self.replies: dict[str, dict[str, TopicReplyPosted]] = {}
+        # Every identity a model of ours ever spoke with, removed models included: never answer those.
+        self.ai_person_ids: set[str] = set()
 
     @classmethod
     async def rebuild(cls, store: EventStore, page_size: int = 5000) -> "Projections":
@@ -178,7 +184,8 @@ class Projections:
             topics=dict(self.topics),
             history={t: tuple(h) for t, h in self.history.items()},
             seen={t: frozenset(s) for t, s in self.seen.items()},
-            replied={t: frozenset(s) for t, s in self.replied.items()},
+            replies={t: dict(r) for t, r in self.replies.items()},
+            ai_person_ids=frozenset(self.ai_person_ids),
         )
 
     def live_models(self) -> list[LLM]:
@@ -192,7 +199,10 @@ class Projections:
 
     def has_replied(self, topic: str, message_id: str) -> bool:
         """True once a reply to ``message_id`` in ``topic`` is recorded (the redelivery guard)."""
-        return message_id in self.replied.get(topic, ())
+        return message_id in self.replies.get(topic, ())
+
+    def reply_to(self, topic: str, message_id: str) -> TopicReplyPosted | None:
+        return self.replies.get(topic, {}).get(message_id)
 
     def conversation(self, topic: str, limit: int | None = None) -> list[Turn]:
         turns = self.history.get(topic, [])
@@ -220,7 +230,8 @@ class Projections:
         at = ev.at
         current = self.models.get(model_id)
         if isinstance(ev, ModelImported):
-            self.models[model_id] = _imported(model_id, version, ev, current)
+            m = self.models[model_id] = _imported(model_id, version, ev, current)
+            self.ai_person_ids.add(m.person_id)
             return
         if current is None:
             return  # an event for a model never imported: nothing to project it onto
@@ -266,14 +277,14 @@ class Projections:
             room = replace(room, model_id=ev.model_id, person_id=pid, modified=at)
         elif isinstance(ev, TopicMessageSeen):
             self.history.setdefault(topic, []).append(
-                Turn(ev.message_id, ev.author_id, ev.text, False, sent_at=ev.sent_at))
+                Turn(ev.message_id, ev.author_id, ev.text, False, sent_at=ev.sent_at, unanswered=ev.unanswered))
             self.seen.setdefault(topic, set()).add(ev.message_id)
             room = replace(room, message_count=room.message_count + 1, modified=at)
         elif isinstance(ev, TopicReplyPosted):
             self.history.setdefault(topic, []).append(
-                Turn(ev.message_id, ev.author_id, ev.text, True, sent_at=iso_ms(at), reply_to=ev.reply_to,
+                Turn(ev.message_id, ev.author_id, ev.text, True, sent_at=ev.sent_at, reply_to=ev.reply_to,
                      model_id=ev.model_id))
-            self.replied.setdefault(topic, set()).add(ev.reply_to)
+            self.replies.setdefault(topic, {})[ev.reply_to] = ev
             room = replace(room, reply_count=room.reply_count + 1, modified=at)
         self.topics[topic] = room
 
@@ -287,9 +298,10 @@ def _imported(model_id: str, version: int, ev: ModelImported, previous: LLM | No
         filename=ev.filename,
         person_id=person_id_for(model_id),
         deleted=False,
-        active=False,
+        # Re-importing keeps birth date, usage, activation and load state: it is the same identity
+        # (a moved file, a revived removal); loads and activation change only by their own events.
+        active=bool(previous and previous.active and not previous.deleted),
         creator=ev.creator,
-        # Re-importing a removed model keeps its birth date and usage: it is the same identity.
         created=previous.created if previous else at,
         modified=at,
         created_at=previous.created_at if previous else iso_ms(at),
@@ -303,7 +315,7 @@ def _imported(model_id: str, version: int, ev: ModelImported, previous: LLM | No
         quantization=ev.quantization,
         checksum=ev.checksum,
         provider=ev.provider,
-        model_loaded=False,
+        model_loaded=bool(previous and previous.model_loaded),
         model_path=ev.model_path,
         parameter_count=ev.parameter_count,
         version=version,

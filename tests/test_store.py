@@ -167,11 +167,13 @@ class EventStoreContract:
             ModelLoadFailed(at=7, code="out_of_memory", message="no"), ModelUsed(at=8), ModelRemoved(at=9),
             TopicCreated(at=10, name="T", created_by="u"), TopicModelBound(at=11, model_id="m"),
             TopicMessageSeen(at=12, message_id="1", author_id="u", text="hé", sent_at="2024-01-01T00:00:00Z"),
+            TopicMessageSeen(at=12, message_id="0", author_id="u", text="x", sent_at="2024-01-01T00:00:00Z",
+                             unanswered="cancelled"),
             TopicReplyPosted(at=13, message_id="2", reply_to="1", model_id="m", author_id="ai", text="yo",
-                             tokens=3, finish_reason="stop", usage=Usage(1, 3, 4),
+                             sent_at="2024-01-01T00:00:01Z", thinking="hm", tokens=3, finish_reason="stop", usage=Usage(1, 3, 4),
                              timing=Timing(1.0, 2.0, 1.0, 3.0, 0.5)),
         ]
-        assert {type(e) for e in events} == set(EVENT_TYPES)
+        assert {type(e) for e in events} == set(EVENT_TYPES)  # a new event type must be added here
         await store.append("s", events)
         assert [e.event for e in await store.read_stream("s")] == events
 

