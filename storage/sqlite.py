@@ -63,6 +63,21 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _ID_CHUNK = 500
 
 
+async def _connect(path: Path) -> aiosqlite.Connection:
+    # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves.
+    conn = aiosqlite.connect(path, isolation_level=None)
+    try:
+        return await conn
+    except BaseException:
+        # On a failed connect aiosqlite stops its worker thread without waiting for it; the thread
+        # then reports to the event loop, which may be closed by then. Wait for it while the loop runs.
+        thread = getattr(conn, "_thread", None)
+        if thread is not None and thread.is_alive():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(thread.join, 5.0)
+        raise
+
+
 class SqliteEventStore(EventStore):
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 10_000,
                  poll_interval: float = 1.0) -> None:
@@ -81,12 +96,11 @@ class SqliteEventStore(EventStore):
         self._check_open()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves.
-            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            self._writer = await _connect(self.path)
             await self._pragmas(self._writer)
             await self._writer.execute("PRAGMA journal_mode=WAL")
             await self._migrate(self._writer)
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            self._reader = await _connect(self.path)
             await self._pragmas(self._reader)
             await self._reader.execute("PRAGMA query_only=ON")
         except BaseException:

@@ -116,7 +116,14 @@ def prepare(requests: Sequence[AppendRequest]) -> list[_Prepared]:
                 raise LamaError(ErrorCode.BAD_REQUEST, f"duplicate or empty event id {new.event_id!r} in one append",
                                 event_id=new.event_id)
             seen_ids.add(new.event_id)
-            items.append((new.event_id, event_type(new.event), encode_event(new.event)))
+            data = encode_event(new.event)
+            try:
+                # Structs are not validated when built in Python; a value the decoder rejects
+                # (a temperature of 9, a NaN) would make the log unreadable, so check before storing.
+                decode_event(data)
+            except msgspec.ValidationError as exc:
+                raise LamaError.from_validation(exc) from None
+            items.append((new.event_id, event_type(new.event), data))
         out.append(_Prepared(sid, req.expected_version, tuple(items)))
     return out
 

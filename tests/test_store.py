@@ -331,3 +331,14 @@ class TestSqliteEventStore(EventStoreContract):
         with pytest.raises(Exception):
             await store.open()
         assert store.closed
+
+
+async def test_an_event_the_decoder_would_reject_is_refused_before_storing():
+    from storage.events import ModelParametersChanged
+
+    async with MemoryEventStore() as store:
+        with pytest.raises(LamaError) as exc:
+            await store.append("model-a", [ModelParametersChanged(at=1, generation=GenerationParams(temperature=9.0))])
+        assert exc.value.code is ErrorCode.BAD_REQUEST
+        assert "temperature" in exc.value.message
+        assert await store.last_position() == 0
