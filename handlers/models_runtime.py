@@ -208,11 +208,13 @@ class ModelsRuntime:
 
     async def _unload_locked(self, loaded: LoadedModel, reason: str) -> None:
         del self._loaded[loaded.model_id]
-        try:
-            await self.engine.release(loaded.handle)
-        finally:
-            await self.registry.record_unloaded(loaded.model_id, reason)
-            self._poke()
+        # Shielded: a release cut short, or one that is not recorded, would leave a handle or the log wrong.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.engine.release(loaded.handle)
+            finally:
+                await self.registry.record_unloaded(loaded.model_id, reason)
+                self._poke()
 
     async def remove(self, model_id: str) -> LLM:
         """Unload the model if loaded, then soft-delete it in the registry."""
