@@ -1,0 +1,102 @@
+"""``lamabus``: the command line (DESIGN.md "Running").
+
+    lamabus serve [--nats-url URL] [--data-dir DIR] [--prefix lama] [--config FILE]
+    lamabus chat <topic> [--once TEXT]
+
+Flags win over the environment (LAMABUS_*), which wins over the TOML file,
+which wins over the defaults in bus/config.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import anyio
+
+from bus.config import Settings, load_settings
+from wire.errors import LamaError
+
+Command = Callable[[argparse.Namespace, Settings], Any]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats-url", help="external NATS server (default: the embedded one; env LAMABUS_NATS_URL)")
+    parser.add_argument("--data-dir", help="registry, JetStream store and models (env LAMABUS_DATA_DIR)")
+    parser.add_argument("--prefix", help="subject prefix (default lama; env LAMABUS_PREFIX)")
+    parser.add_argument("--config", help="TOML file with a [lamabus] table (env LAMABUS_CONFIG)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lamabus", description="Local-LLM chat assistant on NATS")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the service")
+    _common(serve)
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=_serve)
+
+    chat = sub.add_parser("chat", help="chat in a topic from the terminal")
+    _common(chat)
+    chat.add_argument("topic")
+    chat.add_argument("--once", metavar="TEXT", help="send one message, print the streamed reply, exit")
+    chat.add_argument("--author", default=os.environ.get("USER", "user"), help="your author id")
+    chat.add_argument("--model", help="ask this model instead of the topic's")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--timeout", type=float, default=300.0)
+    chat.set_defaults(run=_chat)
+
+    from bus import cli_registry  # the registry/admin commands live beside, to keep this file small
+
+    cli_registry.register(sub, _common)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {k: getattr(args, k, None) for k in ("nats_url", "data_dir", "prefix", "log_level")}
+    return load_settings(flags, config_file=getattr(args, "config", None))
+
+
+def client_url(settings: Settings) -> str:
+    """Where a client connects: the configured broker, else a local embedded one, else the NATS default."""
+    if settings.nats_url:
+        return settings.nats_url
+    try:
+        return settings.embedded_url_file.read_text().strip() or "nats://127.0.0.1:4222"
+    except OSError:
+        return "nats://127.0.0.1:4222"
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from bus.app import serve_forever
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    anyio.run(serve_forever, settings)
+    return 0
+
+
+def _chat(args: argparse.Namespace, settings: Settings) -> int:
+    from bus.chat import run_chat
+
+    return anyio.run(run_chat, args, client_url(settings), settings.prefix)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings(args)
+        return int(args.run(args, settings) or 0)
+    except LamaError as exc:
+        print(f"error [{exc.code.value}]: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
