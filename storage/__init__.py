@@ -1,1 +1,33 @@
+"""The registry's storage: an append-only event store on SQLite and the projections built from it.
 
+Knows nothing of NATS or llama. ``storage.store`` holds the interface and the
+in-memory store, ``storage.sqlite`` the durable one, ``storage.events`` the
+domain events, ``storage.projections`` the read models (the seed's ``LLM``
+record, topic rooms, conversations).
+"""
+
+from storage.events import AnyEvent, DomainEvent, model_stream, topic_stream
+from storage.projections import LLM, Projections, RegistryState, TopicRoom, Turn
+from storage.sqlite import SqliteEventStore
+from storage.store import ANY, NO_STREAM, AppendRequest, AppendResult, EventStore, MemoryEventStore, NewEvent, StoredEvent
+
+__all__ = [
+    "ANY",
+    "AnyEvent",
+    "AppendRequest",
+    "AppendResult",
+    "DomainEvent",
+    "EventStore",
+    "LLM",
+    "MemoryEventStore",
+    "NO_STREAM",
+    "NewEvent",
+    "Projections",
+    "RegistryState",
+    "SqliteEventStore",
+    "StoredEvent",
+    "TopicRoom",
+    "Turn",
+    "model_stream",
+    "topic_stream",
+]
