@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 
-import nats
 from nats.aio.client import Client
 
 log = logging.getLogger("lamabus.bus")
 
 
 async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = True) -> Client:
+    nc = Client()
+
     async def on_disconnect() -> None:
-        log.warning("disconnected from %s; reconnecting", url)
+        if not (nc.is_closed or nc.is_draining):  # our own close is no news
+            log.warning("disconnected from %s; reconnecting", url)
 
     async def on_reconnect() -> None:
         log.info("reconnected to %s", url)
@@ -20,7 +22,7 @@ async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
 
-    return await nats.connect(
+    await nc.connect(
         url,
         name=name,
         max_reconnect_attempts=-1 if reconnect_forever else 3,
@@ -31,3 +33,4 @@ async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = 
         reconnected_cb=on_reconnect,
         error_cb=on_error,
     )
+    return nc

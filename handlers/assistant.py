@@ -223,7 +223,6 @@ class Assistant:
     async def _generate(self, job: _Job) -> GenerationResult:
         message, model = job.message, job.model
         started = _now_ms()
-        handle = await self.runtime.acquire(model)
         history = await self.directory.history(message.topic)
         turns = (ChatTurn("system", model.system_prompt or self.settings.system_prompt), *history,
                  ChatTurn("user", message.text))
@@ -231,7 +230,7 @@ class Assistant:
                                   messages=turns, conversation=message.topic)
         seq = 0
         result: GenerationResult | None = None
-        async for item in self.runtime.generate_stream(handle, request):
+        async for item in self.runtime.generate_stream(model, request):
             if isinstance(item, TokenChunk):
                 await self.publisher.token(GenerationToken(
                     request_id=message.id, topic=message.topic, author_id=model.person_id, seq=seq,

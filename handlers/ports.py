@@ -63,9 +63,7 @@ class Directory(Protocol):
 
 
 class Runtime(Protocol):
-    async def acquire(self, model: ModelRef) -> str:
-        """A handle to a loaded model, loading it if needed."""
-
-    def generate_stream(self, handle: str, request: GenerateRequest) -> AsyncIterator[TokenChunk | GenerationResult]: ...
+    def generate_stream(self, model: ModelRef, request: GenerateRequest) -> AsyncIterator[TokenChunk | GenerationResult]:
+        """Chunks then one result; loads ``model`` if needed and keeps it loaded meanwhile."""
 
     async def cancel(self, request_id: str) -> bool: ...

@@ -89,10 +89,7 @@ class FakeRuntime:
         self.fail_with: LamaError | None = None
         self.reached: collections.defaultdict[str, anyio.Event] = collections.defaultdict(anyio.Event)
 
-    async def acquire(self, model):
-        return "h1"
-
-    async def generate_stream(self, handle, request) -> AsyncIterator[TokenChunk | GenerationResult]:
+    async def generate_stream(self, model, request) -> AsyncIterator[TokenChunk | GenerationResult]:
         self.requests.append(request)
         self.running.append(request.request_id)
         if self.fail_with:

