@@ -79,9 +79,10 @@ class LamabusService:
         await self.aclose()
 
     async def aclose(self) -> None:
+        # No shielding scope around this: the task groups on the stack must exit in the
+        # cancel scope they were entered in.
         stack, self._stack = self._stack, contextlib.AsyncExitStack()
-        with anyio.CancelScope(shield=True):
-            await stack.aclose()
+        await stack.aclose()
 
     async def _start(self) -> None:
         s = self.settings

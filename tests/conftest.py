@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -34,3 +36,56 @@ async def nats_server(tmp_path: Path):
 def nats_url(nats_server: EmbeddedNatsServer) -> str:
     assert nats_server.url
     return nats_server.url
+
+
+@pytest.fixture
+def settings(tmp_path: Path, nats_url: str):
+    from bus.config import Settings
+
+    return Settings(nats_url=nats_url, data_dir=str(tmp_path / "data"))
+
+
+@contextlib.asynccontextmanager
+async def entered_in_own_task(cm):
+    """Enter and exit ``cm`` in one task of its own.
+
+    pytest-asyncio sets a fixture up and tears it down in different tasks, and an
+    anyio task group (the service holds several) must be exited in the task that
+    entered it.
+    """
+    entered: asyncio.Future = asyncio.get_running_loop().create_future()
+    leave = asyncio.Event()
+
+    async def hold() -> None:
+        try:
+            async with cm as value:
+                entered.set_result(value)
+                await leave.wait()
+        except BaseException as exc:
+            if not entered.done():
+                entered.set_exception(exc)
+            raise
+
+    task = asyncio.create_task(hold())
+    try:
+        yield await entered
+    finally:
+        leave.set()
+        await task
+
+
+@pytest.fixture
+async def service(settings):
+    """The whole lamabus service on the test's own nats-server and a fresh data dir."""
+    from bus.app import LamabusService
+
+    async with entered_in_own_task(LamabusService(settings)) as svc:
+        yield svc
+
+
+@pytest.fixture
+async def client(service):
+    from bus.client import LamabusClient
+
+    async with LamabusClient.connect(service.url, prefix=service.settings.prefix) as c:
+        yield c
