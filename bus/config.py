@@ -85,6 +85,7 @@ ENVIRONMENT: dict[str, str] = {
     "prefix": "LAMABUS_PREFIX",
     "log_level": "LAMABUS_LOG_LEVEL",
     "max_concurrent_topics": "LAMABUS_MAX_CONCURRENT_TOPICS",
+    "model_dirs": "LAMABUS_MODEL_DIRS",  # os.pathsep-separated
 }
 CONFIG_FILE_ENV = "LAMABUS_CONFIG"
 
@@ -110,7 +111,12 @@ def load_settings(
             raise LamaError(ErrorCode.BAD_REQUEST, f"config file {path}: {exc}", path=str(path)) from None
     for field, var in ENVIRONMENT.items():
         if environ.get(var):
-            merged[field] = int(environ[var]) if field in _INT_FIELDS else environ[var]
+            value: Any = environ[var]
+            if field in _INT_FIELDS:
+                value = int(value)
+            elif field == "model_dirs":
+                value = [d for d in value.split(os.pathsep) if d]
+            merged[field] = value
     merged.update({k: v for k, v in (flags or {}).items() if v is not None})
     try:
         return msgspec.convert(merged, Settings)
