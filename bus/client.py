@@ -18,6 +18,7 @@ from typing import AsyncIterator
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
 from bus.connection import connect
 from bus.publisher import MSG_ID
@@ -143,7 +144,11 @@ class _Connecting:
         self.client: LamabusClient | None = None
 
     async def __aenter__(self) -> LamabusClient:
-        nc = await connect(self.url, name="lamabus-client", reconnect_forever=False)
+        try:
+            nc = await connect(self.url, name="lamabus-client", reconnect_forever=False)
+        except (OSError, TimeoutError, NatsError) as exc:
+            raise LamaError(ErrorCode.TIMEOUT, f"cannot reach NATS at {self.url}: {exc or type(exc).__name__}",
+                            url=self.url) from None
         self.client = LamabusClient(nc, prefix=self.prefix, owns_connection=True)
         return self.client
 
