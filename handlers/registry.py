@@ -50,12 +50,14 @@ from storage.events import (
     ModelLoaded,
     ModelLoadFailed,
     ModelParametersChanged,
+    ModelSystemPromptSet,
     ModelRemoved,
     ModelUnloaded,
     ModelUsed,
     TopicCreated,
     TopicMessageSeen,
     TopicModelBound,
+    TopicSystemPromptSet,
     TopicReplyPosted,
     model_stream,
     topic_stream,
@@ -123,6 +125,8 @@ class TopicInfo(msgspec.Struct, frozen=True, rename="camel"):
     message_count: int
     reply_count: int
     version: int
+    system_prompt: str | None = None
+    """The topic's own system prompt (null: the model's, else the service default)."""
 
 
 class RegistryDiagnostics(msgspec.Struct, frozen=True, rename="camel"):
@@ -397,6 +401,19 @@ class Registry:
         await self._execute(decide, retry=expected_version is None)
         return self.view.models[model_id]
 
+    async def set_model_system_prompt(self, model_id: str, system_prompt: str | None) -> LLM:
+        """The system prompt this model's conversations start with (None: the service default)."""
+
+        def decide(view: Projections) -> list[AppendRequest] | None:
+            m = self._live(view, model_id)
+            if m.system_prompt == system_prompt:
+                return None
+            return [AppendRequest(model_stream(model_id), [ModelSystemPromptSet(at=self._now(),
+                                                                               system_prompt=system_prompt)], m.version)]
+
+        await self._execute(decide)
+        return self.view.models[model_id]
+
     async def activate(self, model_id: str) -> LLM:
         def decide(view: Projections) -> list[AppendRequest] | None:
             m = self._live(view, model_id)
@@ -486,11 +503,11 @@ class Registry:
             id=room.id, name=room.name, bound_model_id=room.model_id, model_id=model_id,
             person_id=model.person_id if model else None, created_by=room.created_by, created=room.created,
             modified=room.modified, message_count=room.message_count, reply_count=room.reply_count,
-            version=room.version,
+            version=room.version, system_prompt=room.system_prompt,
         )
 
     async def create_topic(self, topic_id: str, name: str | None = None, model_id: str | None = None,
-                           created_by: str | None = None) -> TopicInfo:
+                           created_by: str | None = None, system_prompt: str | None = None) -> TopicInfo:
         """A new topic room, optionally bound to a model; ``conflict`` if it exists."""
         self._check_topic(topic_id)
 
@@ -502,6 +519,8 @@ class Registry:
             if model_id is not None:
                 self._live(view, model_id)
                 events.append(TopicModelBound(at=at, model_id=model_id))
+            if system_prompt is not None:
+                events.append(TopicSystemPromptSet(at=at, system_prompt=system_prompt))
             return [AppendRequest(topic_stream(topic_id), events, NO_STREAM)]
 
         await self._execute(decide)
@@ -515,6 +534,23 @@ class Registry:
                 return None
             return [AppendRequest(topic_stream(topic_id), [TopicCreated(at=self._now(), created_by=created_by)],
                                   NO_STREAM)]
+
+        await self._execute(decide)
+        return self.topic_info(self.view.topics[topic_id])
+
+    async def set_topic_system_prompt(self, topic_id: str, system_prompt: str | None) -> TopicInfo:
+        """The topic's own system prompt, over its model's (creating the room if needed)."""
+        self._check_topic(topic_id)
+
+        def decide(view: Projections) -> list[AppendRequest] | None:
+            room = view.topics.get(topic_id)
+            at = self._now()
+            event = TopicSystemPromptSet(at=at, system_prompt=system_prompt)
+            if room is None:
+                return [AppendRequest(topic_stream(topic_id), [TopicCreated(at=at), event], NO_STREAM)]
+            if room.system_prompt == system_prompt:
+                return None
+            return [AppendRequest(topic_stream(topic_id), [event], room.version)]
 
         await self._execute(decide)
         return self.topic_info(self.view.topics[topic_id])
@@ -670,9 +706,11 @@ class RegistryDirectory:
     async def resolve_model(self, topic: str, requested: str | None) -> ModelRef:
         m = await self.registry.model_for_topic(topic, requested)
         gen = m.generation_params()
+        room = self.registry.view.topics.get(topic)
         return ModelRef(model_id=m.id, person_id=m.person_id,
                         config=ModelConfig.resolve(m.model_path, m.model_params()),
-                        params=gen if _has_values(gen) else None)
+                        params=gen if _has_values(gen) else None,
+                        system_prompt=(room.system_prompt if room else None) or m.system_prompt)
 
     def is_ai(self, author_id: str) -> bool:
         return self.registry.is_ai(author_id)

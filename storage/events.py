@@ -72,6 +72,12 @@ class ModelParametersChanged(DomainEvent, tag="model.parameters_changed"):
     reset: bool = False
 
 
+class ModelSystemPromptSet(DomainEvent, tag="model.system_prompt_set"):
+    """The system prompt this model's conversations start with (None: the service default)."""
+
+    system_prompt: str | None = None
+
+
 class ModelActivated(DomainEvent, tag="model.activated"):
     pass
 
@@ -117,6 +123,12 @@ class TopicModelBound(DomainEvent, tag="topic.model_bound"):
     model_id: str | None = None
 
 
+class TopicSystemPromptSet(DomainEvent, tag="topic.system_prompt_set"):
+    """The topic's own system prompt, over the model's (None: the model's or the default)."""
+
+    system_prompt: str | None = None
+
+
 class TopicMessageSeen(DomainEvent, tag="topic.message_seen"):
     message_id: str
     author_id: str
@@ -146,6 +158,7 @@ class TopicReplyPosted(DomainEvent, tag="topic.reply_posted"):
 AnyEvent = Union[
     ModelImported,
     ModelParametersChanged,
+    ModelSystemPromptSet,
     ModelActivated,
     ModelDeactivated,
     ModelLoaded,
@@ -155,6 +168,7 @@ AnyEvent = Union[
     ModelRemoved,
     TopicCreated,
     TopicModelBound,
+    TopicSystemPromptSet,
     TopicMessageSeen,
     TopicReplyPosted,
 ]

@@ -24,12 +24,14 @@ from storage.events import (
     ModelLoaded,
     ModelLoadFailed,
     ModelParametersChanged,
+    ModelSystemPromptSet,
     ModelRemoved,
     ModelUnloaded,
     ModelUsed,
     TopicCreated,
     TopicMessageSeen,
     TopicModelBound,
+    TopicSystemPromptSet,
     TopicReplyPosted,
 )
 from storage.store import EventStore, StoredEvent
@@ -99,6 +101,8 @@ class LLM(msgspec.Struct, frozen=True, rename="camel"):
     """The model stream's version: the ``expected_version`` for an update."""
     last_error: str | None = None
     """``code: message`` of the last failed load, cleared by a successful one."""
+    system_prompt: str | None = None
+    """What this model's conversations start with; null: the topic's or the service default."""
 
     def generation_params(self) -> GenerationParams:
         values = {f: getattr(self, f) for f in GENERATION_FIELDS}
@@ -124,6 +128,7 @@ class TopicRoom(msgspec.Struct, frozen=True, rename="camel"):
     message_count: int
     reply_count: int
     version: int
+    system_prompt: str | None = None
 
 
 class Turn(msgspec.Struct, frozen=True, rename="camel"):
@@ -238,6 +243,8 @@ class Projections:
         m = replace(current, version=version)
         if isinstance(ev, ModelParametersChanged):
             m = replace(_with_params(m, ev.generation, ev.load, ev.reset), modified=at)
+        elif isinstance(ev, ModelSystemPromptSet):
+            m = replace(m, system_prompt=ev.system_prompt, modified=at)
         elif isinstance(ev, ModelActivated):
             previous = self.active_model_id
             if previous is not None and previous != model_id and previous in self.models:
@@ -275,6 +282,8 @@ class Projections:
         elif isinstance(ev, TopicModelBound):
             pid = person_id_for(ev.model_id) if ev.model_id else None
             room = replace(room, model_id=ev.model_id, person_id=pid, modified=at)
+        elif isinstance(ev, TopicSystemPromptSet):
+            room = replace(room, system_prompt=ev.system_prompt, modified=at)
         elif isinstance(ev, TopicMessageSeen):
             self.history.setdefault(topic, []).append(
                 Turn(ev.message_id, ev.author_id, ev.text, False, sent_at=ev.sent_at, unanswered=ev.unanswered))
@@ -310,6 +319,7 @@ def _imported(model_id: str, version: int, ev: ModelImported, previous: LLM | No
         size=ev.size,
         capabilities=tuple(ev.capabilities),
         last_initialized=previous.last_initialized if previous else 0,
+        system_prompt=previous.system_prompt if previous else None,
         architecture=ev.architecture,
         context_length=ev.context_length,
         quantization=ev.quantization,

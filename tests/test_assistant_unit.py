@@ -312,3 +312,17 @@ async def test_progress_acks_keep_waiting_messages_alive(parts):
             await db.progressed_twice.wait()
         runtime.gates["a"].set()
         await db.acked.wait()
+
+
+async def test_model_or_topic_system_prompt_beats_the_default(parts):
+    directory, runtime, pub = parts
+
+    async def with_prompt(topic, requested):
+        return ModelRef(model_id="m1", person_id=AI, config=MODEL.config, system_prompt="Answer in French.")
+
+    directory.resolve_model = with_prompt
+    async with Assistant(directory, runtime, pub, AssistantSettings(system_prompt="default")) as assistant:
+        d = FakeDelivery()
+        await assistant.submit(msg("a", "bonjour"), d)
+        await d.acked.wait()
+    assert runtime.requests[0].messages[0] == ChatTurn("system", "Answer in French.")

@@ -41,6 +41,8 @@ command = st.one_of(
     st.tuples(st.just("bind"), topics, maybe_model),
     st.tuples(st.just("reply"), topics, st.integers(0, 3), models),
     st.tuples(st.just("unanswered"), topics, st.integers(0, 3)),
+    st.tuples(st.just("model_prompt"), models, st.none() | st.sampled_from(["Be brief.", "Be kind."])),
+    st.tuples(st.just("topic_prompt"), topics, st.none() | st.sampled_from(["Speak French.", "Rhyme."])),
 )
 # Most commands need a model: start from a registry holding some (a random subset, by random names).
 setup = st.lists(st.tuples(st.just("import"), st.integers(0, 2), st.sampled_from([None, "A", "B", "C"])),
@@ -85,6 +87,10 @@ async def run(reg: Registry, files: list[Path], cmd: tuple) -> None:
         await reg.record_reply(msg, reply, completed)
     elif kind == "unanswered":
         await reg.record_message(chat(args[0], f"m{args[1]}"), unanswered="cancelled")
+    elif kind == "model_prompt":
+        await reg.set_model_system_prompt(args[0], args[1])
+    elif kind == "topic_prompt":
+        await reg.set_topic_system_prompt(args[0], args[1])
 
 
 async def exercise(store: EventStore, workdir: Path, cmds: list[tuple]) -> None:

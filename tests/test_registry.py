@@ -469,3 +469,23 @@ def test_helpers_write_what_the_reader_reads(tmp_path: Path):
     assert (info.architecture, info.context_length, info.quantization, info.parameter_count) == (
         "qwen2", 4096, "Q4_1", 32)
     assert os.path.getsize(tmp_path / "x.gguf") == info.size
+
+
+async def test_system_prompt_topic_over_model_over_default(tmp_path, model_path):
+    from handlers.registry import Registry, RegistryDirectory
+
+    async with Registry.open(tmp_path / "r.sqlite3", [model_path.parent]) as reg:
+        model = await reg.ensure_bundled(model_path)
+        directory = RegistryDirectory(reg)
+        assert (await directory.resolve_model("t1", None)).system_prompt is None
+        await reg.set_model_system_prompt(model.id, "Be brief.")
+        assert (await directory.resolve_model("t1", None)).system_prompt == "Be brief."
+        info = await reg.set_topic_system_prompt("t1", "Answer in French.")
+        assert info.system_prompt == "Answer in French."
+        assert (await directory.resolve_model("t1", None)).system_prompt == "Answer in French."
+        assert (await directory.resolve_model("t2", None)).system_prompt == "Be brief."
+        created = await reg.create_topic("t3", system_prompt="Rhyme.")
+        assert created.system_prompt == "Rhyme."
+    async with Registry.open(tmp_path / "r.sqlite3", [model_path.parent]) as reg:  # replayed from the log
+        assert reg.view.topics["t1"].system_prompt == "Answer in French."
+        assert reg.view.models[model.id].system_prompt == "Be brief."

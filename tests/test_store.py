@@ -10,6 +10,8 @@ import pytest
 
 from storage.events import (
     EVENT_TYPES,
+    ModelSystemPromptSet,
+    TopicSystemPromptSet,
     ModelActivated,
     ModelDeactivated,
     ModelImported,
@@ -166,6 +168,7 @@ class EventStoreContract:
             ModelLoaded(at=5, handle="h1", n_ctx=512, load_ms=1.5), ModelUnloaded(at=6, reason="idle"),
             ModelLoadFailed(at=7, code="out_of_memory", message="no"), ModelUsed(at=8), ModelRemoved(at=9),
             TopicCreated(at=10, name="T", created_by="u"), TopicModelBound(at=11, model_id="m"),
+            ModelSystemPromptSet(at=11, system_prompt="Be brief."), TopicSystemPromptSet(at=11, system_prompt=None),
             TopicMessageSeen(at=12, message_id="1", author_id="u", text="hé", sent_at="2024-01-01T00:00:00Z"),
             TopicMessageSeen(at=12, message_id="0", author_id="u", text="x", sent_at="2024-01-01T00:00:00Z",
                              unanswered="cancelled"),
