@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bus import cli_registry  # the registry/admin commands live beside, to keep this file small
 
     cli_registry.register(sub, _common)
+    __import__("bus.replay").replay.register(sub, _common)  # `lamabus replay` lives in bus/replay.py
     return parser
 
 
