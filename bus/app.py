@@ -134,7 +134,8 @@ class LamabusService:
         stack.push_async_callback(cancel_sub.unsubscribe)
         from bus.api import build_endpoints  # the API module imports this one's types
 
-        service = await start_service(self.nc, self.subjects.api, build_endpoints(self))
+        # Long endpoints (pull, load, generate) run their requests as tasks in this service's task group.
+        service = await start_service(self.nc, self.subjects.api, build_endpoints(self), task_group=self._tg)
         stack.push_async_callback(service.stop)
         self._tg.start_soon(self._feed_registry_events)
         log.info("lamabus ready on %s (prefix %r, data %s)", self.url, s.prefix, s.data_path)

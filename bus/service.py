@@ -4,15 +4,27 @@ Every endpoint goes through :func:`boundary`, which decodes the request with a
 decoder built once per endpoint, turns every exception into a coded error reply
 (``Nats-Service-Error-Code`` header + JSON ``{code, message}`` body) and counts
 it. A handler never kills its subscription.
+
+nats-py runs one subscription's callbacks one after another, so a handler that
+awaits for long (a pull, a model load, a generation) would hold up every later
+request to the same endpoint. Such endpoints are ``concurrent``: the boundary
+hands each request to a task in a task group the service owns and returns at
+once; the task replies (or errors) through the same code path. At most
+``max_in_flight`` requests of one endpoint run at a time; past that the
+endpoint answers ``busy`` straight away. When the service stops, the task group
+is cancelled and each running request is answered ``cancelled``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 from typing import Any, Awaitable, Callable, TypeVar
 
+import anyio
 import msgspec
+from anyio.abc import TaskGroup
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -25,9 +37,14 @@ log = logging.getLogger("lamabus.api")
 
 SERVICE_NAME = "lamabus"
 SERVICE_VERSION = "0.1.0"
+DEFAULT_MAX_IN_FLIGHT = 64
 
 Req = TypeVar("Req")
 ERROR_COUNTS: collections.Counter[str] = collections.Counter()
+"""``<subject>.<code>`` -> errors answered, for every endpoint of every service in this process."""
+
+# msgspec names a missing or unknown field in the message, not in the "at `$...`" path.
+_FIELD_IN_MESSAGE = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]+)`(?: - at `([^`]+)`)?")
 
 
 class Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -39,24 +56,71 @@ def error_reply(exc: LamaError) -> tuple[str, str, bytes]:
     return str(exc.status), exc.message, encode(exc.to_body())
 
 
-def boundary(request_type: type[Req], handler: Callable[[Req], Awaitable[Any]], *, name: str):
-    decoder = msgspec.json.Decoder(request_type)
+def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> LamaError:
+    """``bad_request`` with ``details.field`` the JSON path of the offending field, where there is one."""
+    err = LamaError.from_validation(exc)
+    m = _FIELD_IN_MESSAGE.match(err.message)
+    if m:
+        err.details["field"] = f"{m.group(2) or '$'}.{m.group(1)}"
+    return err
 
-    async def handle(request: Request) -> None:
+
+def boundary(request_type: type[Req], handler: Callable[[Req], Awaitable[Any]], *, name: str,
+             concurrent: bool = False, task_group: TaskGroup | None = None,
+             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> Callable[[Request], Awaitable[None]]:
+    """The micro handler for one endpoint. ``concurrent`` needs ``task_group`` (see the module docstring)."""
+    if concurrent and task_group is None:
+        raise ValueError(f"concurrent endpoint {name} needs a task group")
+    decoder = msgspec.json.Decoder(request_type)
+    in_flight = 0
+
+    async def process(request: Request) -> None:
         try:
             try:
                 payload = decoder.decode(request.data or b"{}")
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise LamaError.from_validation(exc) from None
+                raise validation_error(exc) from None
             result = await handler(payload)
             await request.respond(encode(result))
         except LamaError as exc:
             ERROR_COUNTS[f"{name}.{exc.code.value}"] += 1
             await _respond_error(request, exc)
+        except anyio.get_cancelled_exc_class():
+            # The service is stopping: say so rather than leave the caller to time out.
+            ERROR_COUNTS[f"{name}.{ErrorCode.CANCELLED.value}"] += 1
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await _respond_error(request, LamaError(ErrorCode.CANCELLED, "the service is shutting down"))
+            raise
         except Exception as exc:
             ERROR_COUNTS[f"{name}.internal"] += 1
             log.exception("endpoint %s failed", name)
             await _respond_error(request, LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+
+    async def run(request: Request) -> None:
+        nonlocal in_flight
+        try:
+            await process(request)
+        finally:
+            in_flight -= 1
+
+    async def handle(request: Request) -> None:
+        nonlocal in_flight
+        if not concurrent:
+            await process(request)
+            return
+        assert task_group is not None
+        if in_flight >= max_in_flight:
+            ERROR_COUNTS[f"{name}.{ErrorCode.BUSY.value}"] += 1
+            await _respond_error(request, LamaError(
+                ErrorCode.BUSY, f"{name}: {in_flight} requests are running; try again shortly",
+                in_flight=in_flight, max_in_flight=max_in_flight))
+            return
+        in_flight += 1
+        try:
+            task_group.start_soon(run, request, name=f"api {name}")
+        except BaseException:  # the group is closing: nothing will run it
+            in_flight -= 1
+            raise
 
     return handle
 
@@ -74,13 +138,29 @@ class Endpoint(msgspec.Struct, frozen=True):
     name: str
     request_type: Any
     handler: Callable[[Any], Awaitable[Any]]
+    concurrent: bool = False
+    """Run each request in its own task (long handlers: pull, load, generate)."""
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    description: str = ""
+
+    def subject(self, api_prefix: str) -> str:
+        return f"{api_prefix}.{self.group}.{self.name}" if self.group else f"{api_prefix}.{self.name}"
+
+    @property
+    def micro_name(self) -> str:
+        return f"{self.group}-{self.name}" if self.group else self.name
 
 
-async def start_service(nc: Client, api_prefix: str, endpoints: list[Endpoint]) -> Service:
+async def start_service(nc: Client, api_prefix: str, endpoints: list[Endpoint],
+                        task_group: TaskGroup | None = None) -> Service:
+    """Add the micro service and its endpoints. ``task_group`` runs the concurrent endpoints' requests."""
     service = await add_service(nc, name=SERVICE_NAME, version=SERVICE_VERSION,
                                 description="lamabus: local LLM chat on NATS")
     for ep in endpoints:
-        subject = f"{api_prefix}.{ep.group}.{ep.name}" if ep.group else f"{api_prefix}.{ep.name}"
-        await service.add_endpoint(name=f"{ep.group}-{ep.name}" if ep.group else ep.name, subject=subject,
-                                   handler=boundary(ep.request_type, ep.handler, name=subject))
+        subject = ep.subject(api_prefix)
+        await service.add_endpoint(
+            name=ep.micro_name, subject=subject,
+            handler=boundary(ep.request_type, ep.handler, name=subject, concurrent=ep.concurrent,
+                             task_group=task_group, max_in_flight=ep.max_in_flight),
+            metadata={"description": ep.description} if ep.description else None)
     return service
