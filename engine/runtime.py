@@ -71,13 +71,23 @@ def _signal_name(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
+class _WorkerDied:
+    """Queued for a generation whose worker died; ``acked`` says whether the worker had taken it on."""
+
+    __slots__ = ("error", "acked")
+
+    def __init__(self, error: LamaError, acked: bool) -> None:
+        self.error = error
+        self.acked = acked
+
+
 class _GenState:
     __slots__ = ("gid", "request_id", "queue", "started")
 
     def __init__(self, gid: int, request_id: str) -> None:
         self.gid = gid
         self.request_id = request_id
-        self.queue: asyncio.Queue[TokenChunk | GenerationResult | LamaError] = asyncio.Queue()
+        self.queue: asyncio.Queue[TokenChunk | GenerationResult | LamaError | _WorkerDied] = asyncio.Queue()
         self.started: Started | None = None
 
 
@@ -156,7 +166,7 @@ class _Worker:
         self.gens[gid] = st
         if not self.send(Generate(gid, request)):
             del self.gens[gid]
-            raise self._death_error()
+            st.queue.put_nowait(_WorkerDied(self._death_error(), False))
         return st
 
     def cancel(self, gid: int) -> bool:
@@ -245,7 +255,7 @@ class _Worker:
         if not self._loaded_fut.done():
             self._loaded_fut.set_exception(err)
         for st in self.gens.values():
-            st.queue.put_nowait(err)
+            st.queue.put_nowait(_WorkerDied(err, st.started is not None))
         self.gens.clear()
         if self.proc is not None and self.proc.stdin is not None:
             self.proc.stdin.close()
@@ -451,30 +461,40 @@ class Engine:
         self._check_open()
         model = self._model_for(handle)
         request = self._validate_request(request)
-        worker = await self._live_worker(model)
-        st = worker.submit(request)
-        entry = (worker, st)
-        self._running.setdefault(request.request_id, []).append(entry)
-        finished = False
-        try:
-            while True:
-                item = await st.queue.get()
-                if isinstance(item, LamaError):
-                    finished = True
-                    raise item
-                if isinstance(item, GenerationResult):
-                    finished = True
+        retried = False
+        while True:
+            worker = await self._live_worker(model)
+            st = worker.submit(request)
+            entry = (worker, st)
+            self._running.setdefault(request.request_id, []).append(entry)
+            finished = False
+            try:
+                while True:
+                    item = await st.queue.get()
+                    if isinstance(item, _WorkerDied):
+                        finished = True
+                        # The worker died before it took this request on (e.g. it was killed while idle
+                        # and we had not noticed yet): run it once more on a fresh worker.
+                        if not item.acked and not retried and not worker.closing:
+                            retried = True
+                            break
+                        raise item.error
+                    if isinstance(item, LamaError):
+                        finished = True
+                        raise item
+                    if isinstance(item, GenerationResult):
+                        finished = True
+                        yield item
+                        return
                     yield item
-                    return
-                yield item
-        finally:
-            running = self._running.get(request.request_id)
-            if running is not None:
-                running.remove(entry)
-                if not running:
-                    del self._running[request.request_id]
-            if not finished:
-                worker.forget(st.gid)
+            finally:
+                running = self._running.get(request.request_id)
+                if running is not None:
+                    running.remove(entry)
+                    if not running:
+                        del self._running[request.request_id]
+                if not finished:
+                    worker.forget(st.gid)
 
     async def generate(self, handle: str, request: GenerateRequest) -> GenerationResult:
         result: GenerationResult | None = None

@@ -61,6 +61,17 @@ _GGML_LOG_WARN = 3
 _GGML_LOG_CONT = 5
 
 
+def check_build(system_info: str) -> None:
+    """Refuse a build whose AMX int8 kernels are on: on these CPUs it segfaults in the first decode."""
+    if AMX_MARKER in system_info:
+        raise LamaError(
+            ErrorCode.MODEL_LOAD_FAILED,
+            "this llama-cpp-python build enables ggml's AMX int8 kernels (llama_print_system_info reports "
+            "AMX_INT8 = 1), which crash on this CPU; rebuild it with GGML_NATIVE=OFF (run ./install.sh)",
+            system_info=system_info,
+        )
+
+
 def _now_ms() -> float:
     return time.time() * 1000.0
 
@@ -265,13 +276,7 @@ class Worker:
         ll.llama_log_set(self._log_cb, ctypes.c_void_p(0))
         ll.llama_backend_init()
         system_info = (ll.llama_print_system_info() or b"").decode(errors="replace")
-        if AMX_MARKER in system_info:
-            raise LamaError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                "this llama-cpp-python build enables ggml's AMX int8 kernels, which crash on this CPU; "
-                "rebuild it with CMAKE_ARGS=-DGGML_NATIVE=OFF (run ./install.sh)",
-                system_info=system_info,
-            )
+        check_build(system_info)
         supports_gpu = bool(ll.llama_supports_gpu_offload())
         requested = cfg.n_gpu_layers
         reason_no_gpu: str | None = None
@@ -677,8 +682,7 @@ class Worker:
             slot.last_used = time.monotonic()
             if g in self.active:
                 self.active.remove(g)
-        if not self.active and not self.waiting:
-            self.emit(self.stats())
+        self.emit(self.stats())
 
     def _drop_sequence(self, slot: _Slot | None) -> None:
         if slot is None:

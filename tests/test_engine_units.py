@@ -203,3 +203,12 @@ async def test_aclose_is_idempotent():
     await engine.aclose()
     with pytest.raises(LamaError):
         await engine.initialize(ModelConfig("/nonexistent"))
+
+
+def test_amx_build_is_refused():
+    from engine.worker import check_build
+
+    check_build("CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | OPENMP = 1 |")
+    with pytest.raises(LamaError, match="GGML_NATIVE=OFF") as exc:
+        check_build("CPU : AVX512 = 1 | AMX_INT8 = 1 | OPENMP = 1 |")
+    assert exc.value.code == ErrorCode.MODEL_LOAD_FAILED
