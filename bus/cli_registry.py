@@ -42,7 +42,10 @@ Runner = Callable[[argparse.Namespace, Settings], int]
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = max(console.width, 160)  # piped: long lines grep better than folded cells
+    return console
 
 
 def _print_json(value: Any) -> None:
@@ -79,7 +82,7 @@ def _table(title: str | None, columns: list[str], rows: list[list[Any]], *, no_w
 def _fields_table(title: str, value: msgspec.Struct) -> None:
     """Every non-null field of a record, one per row, under its wire (camelCase) name."""
     data = msgspec.to_builtins(value)
-    rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in data.items() if v is not None]
+    rows = [[k, json.dumps(v) if isinstance(v, (dict, list, tuple)) else v] for k, v in data.items() if v is not None]
     _table(title, ["field", "value"], rows)
 
 
@@ -179,7 +182,8 @@ def _models_table(models: list[Any], loaded: list[str], title: str | None = None
         state = "removed" if m.deleted else ("active" if m.active else "")
         rows.append([m.id, m.name, state, "yes" if m.id in loaded else "", m.architecture, m.quantization,
                      _size(m.size), m.usage_count, m.provider])
-    _table(title, ["ID", "NAME", "STATE", "LOADED", "ARCH", "QUANT", "SIZE", "USES", "PROVIDER"], rows)
+    _table(title, ["ID", "NAME", "STATE", "LOADED", "ARCH", "QUANT", "SIZE", "USES", "PROVIDER"], rows,
+           no_wrap=(0, 2, 3, 4, 5, 6))
 
 
 def _render_model_list(reply: Any) -> None:
