@@ -144,7 +144,9 @@ async def _with_progress(client: Any, endpoint: str, description: str, make_payl
         sub = await client.nc.subscribe(subject, cb=on_progress)
         try:
             await client.nc.flush()  # the subscription is live before the service can publish to it
-            return await client.request(endpoint, make_payload(subject), response_type, timeout=timeout)
+            reply = await client.request(endpoint, make_payload(subject), response_type, timeout=timeout)
+            await client.nc.flush()  # progress sent before the reply is handled before the bar closes
+            return reply
         finally:
             await sub.unsubscribe()
 
