@@ -143,10 +143,14 @@ class Assistant:
             return
         self._queued[model.model_id] += 1
         job = _Job(message, model, delivery, accepted_at=_now_ms())
-        await self.publisher.event(
-            GenerationStarted(request_id=message.id, topic=topic, author_id=model.person_id,
-                              model_id=model.model_id, queue_position=ahead),
-            dedup_id=f"{message.id}.started.{topic}")
+        try:
+            await self.publisher.event(
+                GenerationStarted(request_id=message.id, topic=topic, author_id=model.person_id,
+                                  model_id=model.model_id, queue_position=ahead),
+                dedup_id=f"{message.id}.started.{topic}")
+        except BaseException:
+            self._queued[model.model_id] -= 1  # not queued after all: the transport redelivers it
+            raise
         lane = self._lanes.get(topic)
         if lane is None:
             lane = self._lanes[topic] = _Lane()
@@ -176,6 +180,12 @@ class Assistant:
                 lane.current = job
                 try:
                     await self._answer(job)
+                except Exception:
+                    # Recording or publishing failed (the broker away, ...): leave the delivery
+                    # unacknowledged, so it is redelivered after ack_wait and answered then (a
+                    # recorded reply is re-published with its id). The lane and the service go on.
+                    self.counters["errors"] += 1
+                    log.exception("answering %s in %s failed; left for redelivery", job.message.id, topic)
                 finally:
                     lane.current = None
                     self._queued[job.model.model_id] -= 1
