@@ -190,8 +190,23 @@ class LamabusService:
 async def serve_forever(settings: Settings) -> None:
     import signal
 
-    async with LamabusService(settings):
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # Signals are taken before the service starts, so one that comes just after "lamabus ready"
+    # shuts down cleanly (embedded broker stopped, nats.url removed) instead of meeting the default
+    # handler; one that comes while starting (a broker that never answers) abandons the start.
+    started = False
+    stop = anyio.Event()
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, anyio.CancelScope() as scope:
+
+        async def watch() -> None:
             async for signum in signals:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
+                if not started:
+                    scope.cancel()
+                stop.set()
                 return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            async with LamabusService(settings):
+                started = True
+                await stop.wait()
