@@ -157,38 +157,36 @@ class RawLlama:
         }
 
     def run_batched(self, prompts: list[list[int]], n_predict: int) -> dict[str, Any]:
-        """All prompts in one batch, then one token per sequence per decode (ignore EOS)."""
+        """Prefill all prompts in n_batch chunks, then one token per sequence per decode (EOS ignored)."""
         ll.llama_memory_clear(self.mem, True)
         chains = [self.chain() for _ in prompts]
-        t0 = time.perf_counter()
-        items: list[tuple[int, int, int, bool]] = []
-        logit_idx: list[int] = []
-        for s, toks in enumerate(prompts):
-            for i, t in enumerate(toks):
-                items.append((t, i, s, i == len(toks) - 1))
-            logit_idx.append(len(items) - 1)
-        if len(items) > self.n_batch:
-            raise ValueError("prompts exceed n_batch")
-        self._fill(items)
-        if ll.llama_decode(self.ctx, self.batch) != 0:
-            raise RuntimeError("decode failed")
-        pos = [len(p) for p in prompts]
-        total = 0
         texts: list[list[bytes]] = [[] for _ in prompts]
-        for step in range(n_predict):
-            step_items = []
-            for s, c in enumerate(chains):
-                tok = ll.llama_sampler_sample(c, self.ctx, logit_idx[s])
-                texts[s].append(self.piece(tok))
-                total += 1
-                step_items.append((tok, pos[s], s, True))
-                pos[s] += 1
-                logit_idx[s] = s
-            if step == n_predict - 1:
-                break
-            self._fill(step_items)
+        next_tok = [0] * len(prompts)
+        t0 = time.perf_counter()
+        items = [(t, i, s, i == len(toks) - 1) for s, toks in enumerate(prompts) for i, t in enumerate(toks)]
+        total = 0
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start : start + self.n_batch]
+            self._fill(chunk)
             if ll.llama_decode(self.ctx, self.batch) != 0:
                 raise RuntimeError("decode failed")
+            for j, (_, _, s, is_last) in enumerate(chunk):
+                if is_last:  # sample right away: the next decode overwrites these logits
+                    tok = ll.llama_sampler_sample(chains[s], self.ctx, j)
+                    next_tok[s] = tok
+                    texts[s].append(self.piece(tok))
+                    total += 1
+        pos = [len(p) for p in prompts]
+        for _ in range(n_predict - 1):
+            self._fill([(next_tok[s], pos[s], s, True) for s in range(len(prompts))])
+            if ll.llama_decode(self.ctx, self.batch) != 0:
+                raise RuntimeError("decode failed")
+            for s, c in enumerate(chains):
+                tok = ll.llama_sampler_sample(c, self.ctx, s)
+                next_tok[s] = tok
+                texts[s].append(self.piece(tok))
+                pos[s] += 1
+                total += 1
         wall = time.perf_counter() - t0
         for c in chains:
             ll.llama_sampler_free(c)

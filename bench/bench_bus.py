@@ -193,6 +193,7 @@ class RssSampler:
         self.interval = interval
         self.label: str | None = None
         self.peak_kb: dict[str, int] = {}
+        self.split_kb: dict[str, tuple[int, int]] = {}  # at the peak: (service process, its children)
         self.procs: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
@@ -202,9 +203,11 @@ class RssSampler:
         if label is None:
             return
         tree = process_tree(self.root)
-        total = sum(status_kb(p, "VmRSS:") for p in tree)
+        each = [status_kb(p, "VmRSS:") for p in tree]
+        total = sum(each)
         if total > self.peak_kb.get(label, 0):
             self.peak_kb[label] = total
+            self.split_kb[label] = (each[0], total - each[0])
         self.procs[label] = max(self.procs.get(label, 0), len(tree))
 
     def _loop(self) -> None:
@@ -232,6 +235,10 @@ class RssSampler:
     def mb(self, label: str) -> float | None:
         kb = self.peak_kb.get(label)
         return kb / 1024 if kb else None
+
+    def split_mb(self, label: str) -> dict[str, float] | None:
+        kb = self.split_kb.get(label)
+        return {"service": kb[0] / 1024, "engine_workers": kb[1] / 1024} if kb else None
 
 
 class CpuMeter:
@@ -276,7 +283,8 @@ class ServiceProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, wrapper: Sequence[str] = ()) -> None:
+        """``wrapper``: a command line the service module runs under (a profiler), ending in ``-m``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "lamabus.toml"
         config.write_text(
@@ -286,7 +294,7 @@ class ServiceProcess:
             "keep_alive = 0.0\n"
             "max_concurrent_topics = 8\n"
         )
-        cmd = [sys.executable, "-m", "bus.cli", "serve", "--nats-url", self.nats_url,
+        cmd = [*(wrapper or (sys.executable, "-m")), "bus.cli", "serve", "--nats-url", self.nats_url,
                "--data-dir", str(self.data_dir), "--config", str(config)]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -622,7 +630,8 @@ def summarize_profile(raw: str, top: int = 12) -> dict[str, Any]:
     def rows(c: Counter[str], skip_over: float) -> list[list[Any]]:
         return [[name, round(100.0 * n / total, 1)] for name, n in c.most_common() if n / total <= skip_over][:top]
 
-    return {"samples": total, "self": rows(self_c, 1.01), "inclusive": rows(incl, 0.97)}
+    # Inclusive: leave out the frames nearly every sample passes through (main, the event loop's run).
+    return {"samples": total, "self": rows(self_c, 1.01), "inclusive": rows(incl, 0.8)}
 
 
 def py_spy() -> str | None:
@@ -671,7 +680,9 @@ class BusBench:
                         "engine": {"n_threads": threads, "n_seq_max": n_seq_max,
                                    "n_ctx_per_sequence": model["context"]["nCtxPerSequence"],
                                    "n_batch": model["context"]["nBatch"], "workers": eng["workers"],
-                                   "load_seconds": model.get("loadSeconds")},
+                                   "load_seconds": model.get("loadSeconds"),
+                                   "memory_predicted_mb": {k: round(v / 2**20, 1) for k, v in
+                                                           (model.get("memory", {}).get("predicted") or {}).items()}},
                         "service_ready_s": round(ready_s, 2),
                         "warmup_finish": warm.finish,
                     })
@@ -689,9 +700,12 @@ class BusBench:
                         await self._conversation()
                         await self._concurrency(batch_level, n_seq_max)
                         self.results["rss_mb_1_topic"] = self.rss.mb("1_topic")
-                        self.results["rss_mb_8_topics"] = self.rss.mb(f"{batch_level}_topics")
+                        self.results["rss_mb_8_topics"] = self.rss.mb(f"concurrency_{batch_level}")
                         self.results["rss_topics_measured"] = batch_level
-                        self.results["rss_processes"] = dict(self.rss.procs)
+                        self.results["rss_split_mb"] = {"1_topic": self.rss.split_mb("1_topic"),
+                                                        "8_topics": self.rss.split_mb(f"concurrency_{batch_level}")}
+                        self.results["rss_processes"] = {"1_topic": self.rss.procs.get("1_topic"),
+                                                         "8_topics": self.rss.procs.get(f"concurrency_{batch_level}")}
                     self.results["nats_server_rss_mb"] = status_kb(broker.pid, "VmRSS:") / 1024 if broker.pid else None
                     await self._maybe_profile()
                 finally:
@@ -835,7 +849,7 @@ class BusBench:
         for rep in range(cfg.reps):
             for k in cfg.concurrency:
                 users = [essay(f"{rep}-{k}-{i}-{uuid.uuid4().hex[:6]}") for i in range(k)]
-                with self.rss.phase(f"{k}_topics"):
+                with self.rss.phase(f"concurrency_{k}"):
                     runs = await asyncio.gather(*(self.bus.ask(f"conc{k}-{rep}-{i}", u, greedy(n))
                                                   for i, u in enumerate(users)))
                 wall = max(r.t_last for r in runs) - min(r.t0 for r in runs)
@@ -871,7 +885,7 @@ class BusBench:
             return
         spy = py_spy()
         if spy is None:
-            self.results["profile"]["note"] = "py-spy is not installed (.venv/bin/pip install py-spy)"
+            await self._profile_with_pyinstrument()
             return
         tree = process_tree(self.service.pid)
         secs = max(2, int(self.cfg.profile_seconds))
@@ -880,10 +894,11 @@ class BusBench:
         for role, pid in (("service", tree[0]), ("engine_worker", tree[1] if len(tree) > 1 else None)):
             if pid is None:
                 continue
-            cmd = [spy, "record", "--pid", str(pid), "--duration", str(secs), "--rate", "250", "--format", "raw",
-                   "--output", str(outs[role]), "--nonblocking"]
-            if role == "engine_worker":
-                cmd.append("--native")
+            cmd = [spy, "record", "--pid", str(pid), "--duration", str(secs), "--rate", "100", "--format", "raw",
+                   "--output", str(outs[role])]
+            # Native frames show llama.cpp's share in the worker; py-spy cannot take them without pausing
+            # the process, so the service (pure Python) is sampled without stopping it.
+            cmd.append("--native" if role == "engine_worker" else "--nonblocking")
             procs.append(await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
                                                               stderr=asyncio.subprocess.PIPE))
         await asyncio.sleep(0.5)
@@ -897,7 +912,7 @@ class BusBench:
             _, err = await p.communicate()
             if p.returncode:
                 errors.append(err.decode(errors="replace").strip()[-300:])
-        prof: dict[str, Any] = {"tool": "py-spy record --nonblocking (worker with --native)", "seconds": secs,
+        prof: dict[str, Any] = {"tool": "py-spy record (service: --nonblocking; engine worker: --native)", "seconds": secs,
                                 "requests": i, "taken": True, "reason": self.results["profile"]["reason"]}
         for role, path in outs.items():
             if path.exists():
@@ -905,6 +920,29 @@ class BusBench:
         if errors:
             prof["errors"] = errors
         self.results["profile"] = prof
+
+
+    async def _profile_with_pyinstrument(self) -> None:
+        """Without py-spy: restart the service under pyinstrument (service side only; the worker is not seen)."""
+        secs = max(2.0, self.cfg.profile_seconds)
+        out = self.work / "service-pyinstrument.txt"
+        self.service.stop()
+        self.service.start(wrapper=(sys.executable, "-m", "pyinstrument", "--renderer", "text", "--no-color",
+                                    "--outfile", str(out), "-m"))
+        await self._wait_ready()
+        await self.bus.ask("profile-warm", "Say hello.", greedy(8))
+        deadline = time.monotonic() + secs
+        i = 0
+        while time.monotonic() < deadline:
+            await self.bus.ask(f"profile-{i}", essay(f"p{i}"), greedy(self.cfg.tokens))
+            i += 1
+        self.service.stop()  # SIGTERM: the service shuts down and pyinstrument writes its report
+        text = out.read_text(errors="replace") if out.exists() else ""
+        self.results["profile"] = {
+            "tool": "pyinstrument (service process only; install py-spy to see the engine worker too)",
+            "seconds": secs, "requests": i, "taken": bool(text), "reason": self.results["profile"]["reason"],
+            "service_text": text.splitlines()[:80],
+        }
 
 
 def _fmt(x: float | None, spec: str) -> str:

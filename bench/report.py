@@ -54,6 +54,43 @@ def missed_targets(results: dict[str, Any]) -> list[str]:
     return [t.key for t in TARGETS if (v := _value(results, t.key)) is not None and not t.met(v)]
 
 
+def observations(results: dict[str, Any]) -> list[str]:
+    """Plain sentences on where the bus's time goes, computed from the figures (no profile needed)."""
+    out: list[str] = []
+    s = results.get("single_stream") or {}
+    tps = s.get("tps") or {}
+    bus, raw, eng = tps.get("bus"), tps.get("raw"), s.get("bus_engine_reported_tps")
+    if bus and eng:
+        out.append(f"Transport: the engine worker decoded the bus runs at {eng:.1f} tok/s by its own clock and the "
+                   f"client received them at {bus:.1f} tok/s ({100 * (1 - bus / eng):.1f} % lost between the worker "
+                   "and the client).")
+    if eng and raw:
+        out.append(f"Engine: the worker's own rate is {eng / raw:.3f} of the raw loop's ({raw:.1f} tok/s) on the same "
+                   "prompt; whatever the bus loses beyond the transport line above is lost inside the worker process "
+                   "or to CPU the other processes took from it.")
+    busy = s.get("cpu_cores_busy_during_bus_runs") or {}
+    per_tok = s.get("cpu_ms_per_bus_token") or {}
+    threads = (results.get("engine") or {}).get("n_threads")
+    if busy.get("engine_worker") is not None and threads:
+        others = sum(v for k, v in busy.items() if k != "engine_worker" and v)
+        out.append(f"CPU during the bus runs: the engine worker kept {busy['engine_worker']:.2f} cores busy "
+                   f"(it runs {threads} threads); service + broker + client together {others:.2f} cores "
+                   f"({sum(v for k, v in per_tok.items() if k != 'engine_worker' and v):.2f} ms of CPU per token).")
+    b = s.get("bus_ttft_breakdown_ms") or {}
+    if all(isinstance(b.get(k), (int, float)) for k in ("publish_to_engine_start", "engine_prompt_and_first_token")):
+        out.append(f"TTFT through the bus: {b['publish_to_engine_start']:.1f} ms pass between the publish and the engine "
+                   f"admitting the request (JetStream intake, registry look-ups, the generation.started event, the "
+                   f"worker pipe, prompt rendering and tokenization); the engine then takes "
+                   f"{b['engine_prompt_and_first_token']:.1f} ms to evaluate the prompt and sample the first token.")
+    ratio8 = derived(results).get("rss_8_over_1_topic")
+    pred = (results.get("engine") or {}).get("memory_predicted_mb") or {}
+    if ratio8 is not None and ratio8 < 1.05:
+        kv = f" ({pred['kvCacheBytes']:.0f} MiB predicted)" if pred.get("kvCacheBytes") else ""
+        out.append(f"Memory: 1 and 8 topics cost about the same RSS: the worker's KV cells for all its sequences{kv} "
+                   "are allocated (and cleared, so resident) when the model loads, not per topic.")
+    return out
+
+
 def _n(x: Any, spec: str = ".1f") -> str:
     return "n/a" if not isinstance(x, (int, float)) else format(x, spec)
 
@@ -219,6 +256,15 @@ def render(results: dict[str, Any]) -> str:
       f"(ratio {_n(derived(results).get('rss_8_over_1_topic'), '.2f')}); processes in the tree: "
       f"{results.get('rss_processes')}. The broker (nats-server, not part of lamabus): "
       f"{_n(results.get('nats_server_rss_mb'), '.0f')} MB.\n")
+    split = results.get("rss_split_mb") or {}
+    for label, v in split.items():
+        if v:
+            w(f"- at the {label.replace('_', ' ')} peak: service process {v['service']:.0f} MB, engine worker(s) "
+              f"{v['engine_workers']:.0f} MB")
+    pred = (results.get("engine") or {}).get("memory_predicted_mb")
+    if pred:
+        w(f"- the engine's own prediction for the loaded model (MiB): " + ", ".join(f"{k} {v:g}" for k, v in pred.items()))
+    w("")
 
     # ---- registry
     w("## 5. Registry\n")
@@ -246,13 +292,19 @@ def render(results: dict[str, Any]) -> str:
                 b = slf[i] if i < len(slf) else ["", ""]
                 w(f"| {a[1]} | `{a[0]}` | | {b[1]} | `{b[0]}` |")
             w("")
+        if prof.get("service_text"):
+            w("```")
+            w("\n".join(prof["service_text"]))
+            w("```\n")
         if prof.get("errors"):
             w(f"py-spy reported: {prof['errors']}\n")
     else:
         w(f"No profile taken ({prof.get('reason', 'not run')}). {prof.get('note', '')}\n")
-    for note in results.get("findings", []):
-        w(f"- {note}")
-    if results.get("findings"):
+    notes = observations(results)
+    if notes:
+        w("Read from the measurements above:\n")
+        for note in notes:
+            w(f"- {note}")
         w("")
 
     # ---- method

@@ -180,14 +180,24 @@ class _Worker:
     async def _read_events(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         reader = self.proc.stdout
+        buf = bytearray()
+        unpack, hsize, decode = HEADER.unpack_from, HEADER.size, event_decoder.decode
         try:
+            # Read whatever the pipe holds and dispatch every complete frame: one wake-up per
+            # write of the worker (it writes all of a decode step's events at once).
             while True:
-                hdr = await reader.readexactly(HEADER.size)
-                (n,) = HEADER.unpack(hdr)
-                ev = event_decoder.decode(await reader.readexactly(n))
-                self._dispatch(ev)
-        except asyncio.IncompleteReadError:
-            pass
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                buf += data
+                pos, end = 0, len(buf)
+                while end - pos >= hsize:
+                    (n,) = unpack(buf, pos)
+                    if end - pos - hsize < n:
+                        break
+                    self._dispatch(decode(memoryview(buf)[pos + hsize : pos + hsize + n]))
+                    pos += hsize + n
+                del buf[:pos]
         except Exception as exc:  # a corrupt frame: treat the worker as broken
             log.error("engine worker %s: bad event stream: %r", self.pid, exc)
             if self.proc.returncode is None:

@@ -269,3 +269,31 @@ async def test_diagnostics(engine, handle):
     assert m["context"]["chatTemplate"] == "gguf"
     assert m["memory"]["predicted"]["totalBytes"] > m["memory"]["predicted"]["weightsBytes"] > 0
     assert "AMX_INT8 = 1" not in d["build"]["systemInfo"]
+
+
+async def test_cancel_while_queued_and_while_running(engine, handle):
+    """Four streams fill the four slots; a fifth waits in the worker's queue and is cancelled there."""
+    started = [asyncio.Event() for _ in range(4)]
+
+    async def run(i: int):
+        req = chat(f"busy-{i}", ("user", f"Story number {i}."), max_tokens=300, stop=[], ignore_eos=True)
+        result = None
+        async for item in engine.generate_stream(handle, req):
+            if isinstance(item, GenerationResult):
+                result = item
+            else:
+                started[i].set()
+        return result
+
+    busy = [asyncio.create_task(run(i)) for i in range(4)]
+    for ev in started:
+        await ev.wait()
+    queued = asyncio.create_task(engine.generate(handle, chat("queued", ("user", "Hi"), max_tokens=5)))
+    await asyncio.sleep(0)  # let it submit (ordering only, not timing: the request is sent synchronously)
+    assert await engine.cancel("queued") is True
+    r = await queued
+    assert r.finish_reason == "cancelled" and r.tokens == 0 and r.text == ""
+    for i in range(4):
+        assert await engine.cancel(f"busy-{i}")
+    results = await asyncio.gather(*busy)
+    assert all(x.finish_reason == "cancelled" and 0 < x.tokens < 300 for x in results)
