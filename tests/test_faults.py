@@ -1,0 +1,422 @@
+"""Fault injection against real processes: a SIGKILLed ``lamabus serve``, a restarted
+nats-server, duplicates, concurrent topics, messages posted while lamabus is down.
+
+Every reply is checked in the JetStream log itself (the LAMA_TOPICS stream): a
+message is answered exactly once when the stream holds exactly one AI
+``chat.message`` with ``replyTo`` = its id and one ``generation.completed``.
+The bundled model with greedy sampling and a few tokens keeps each test short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.js.errors import NotFoundError
+
+from bus.config import Settings
+from bus.connection import connect
+from bus.intake import CONSUMER
+from bus.publisher import MSG_ID
+from bus.replay import records
+from bus.subjects import Subjects
+from handlers.assistant import reply_id_for
+from tests.conftest import entered_in_own_task
+from wire.messages import (
+    ChatMessage,
+    GenerationCancelled,
+    GenerationCompleted,
+    GenerationFailed,
+    GenerationStarted,
+    GenerationToken,
+    decode_topic_event,
+    encode,
+)
+from wire.params import GenerationParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+REPO = Path(__file__).resolve().parent.parent
+S = Subjects()
+#: Short enough to be quick, long enough to still be running a moment after the first token.
+PARAMS = GenerationParams(max_tokens=32, temperature=0.0, seed=1, stop=[])
+QUICK = GenerationParams(max_tokens=8, temperature=0.0, seed=1)
+COUNTING = "Count from 1 to 100, separated by commas."
+#: Redelivery of an unacknowledged message comes this many seconds after its last ack/progress.
+ACK_WAIT = 3.0
+
+
+def chat(topic: str, text: str, params: GenerationParams = PARAMS, mid: str | None = None) -> ChatMessage:
+    return ChatMessage(id=mid or str(uuid.uuid4()), topic=topic, author_id="tester", text=text,
+                       sent_at=datetime.now(timezone.utc), params=params)
+
+
+async def post(js, message: ChatMessage, *, dedup: bool = True) -> int:
+    ack = await js.publish(S.msg(message.topic), encode(message), headers={MSG_ID: message.id} if dedup else None)
+    return ack.seq
+
+
+async def stored(js, topic: str) -> list:
+    async with contextlib.aclosing(records(js, topic)) as recs:
+        return [r.event async for r in recs]
+
+
+def answers(events: list, mid: str) -> tuple[list[ChatMessage], list[GenerationCompleted]]:
+    """The AI replies to ``mid`` and the completions of ``mid`` in the log."""
+    replies = [e for e in events if isinstance(e, ChatMessage) and e.reply_to == mid]
+    done = [e for e in events if isinstance(e, GenerationCompleted) and e.request_id == mid]
+    return replies, done
+
+
+def assert_answered_once(events: list, topic: str, mid: str) -> GenerationCompleted:
+    replies, done = answers(events, mid)
+    assert len(replies) == 1, replies
+    assert len(done) == 1, done
+    (reply,), (completed,) = replies, done
+    assert reply.id == completed.message_id == reply_id_for(topic, mid)
+    assert reply.author_id == completed.author_id and reply.text == completed.text
+    assert not [e for e in events if isinstance(e, GenerationFailed) and e.request_id == mid]
+    return completed
+
+
+async def wait_end(js, topic: str, mid: str, timeout: float = 60.0):
+    """The event that ends ``mid`` (completed/failed/cancelled), read from the log: survives broker restarts."""
+    with anyio.fail_after(timeout):
+        async with contextlib.aclosing(records(js, topic, follow=True, idle=0.5)) as recs:
+            async for rec in recs:
+                match rec.event:
+                    case GenerationCompleted(request_id=rid) | GenerationFailed(request_id=rid) | \
+                            GenerationCancelled(request_id=rid) if rid == mid:
+                        return rec.event
+    raise AssertionError("unreachable")
+
+
+async def wait_settled(js, timeout: float = 30.0) -> None:
+    """Until the service's durable consumer has delivered and had acknowledged every message."""
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                info = await js.consumer_info(S.stream_name, CONSUMER)
+            except NotFoundError:
+                info = None
+            if info is not None and not info.num_pending and not info.num_ack_pending:
+                return
+            await anyio.sleep(0.1)  # polling a condition, with a deadline
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group ``pgid``."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry.name))
+    return alive
+
+
+class ServeProcess:
+    """``lamabus serve`` as a child process in its own process group (so nothing it starts can leak)."""
+
+    def __init__(self, nats_url: str, data_dir: Path, config: Path) -> None:
+        self.args = [sys.executable, "-m", "bus.cli", "serve", "--nats-url", nats_url, "--data-dir", str(data_dir),
+                     "--config", str(config)]
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._ready = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 60.0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LAMABUS_")}
+        self.lines, self._ready = [], asyncio.Event()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, cwd=REPO, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        self._reader = asyncio.create_task(self._read(self.proc))
+        ready = asyncio.create_task(self._ready.wait())
+        exited = asyncio.create_task(self.proc.wait())
+        try:
+            await asyncio.wait({ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if not self._ready.is_set():
+            raise AssertionError("lamabus serve did not get ready:\n" + self.log_tail())
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            text = line.decode(errors="replace").rstrip()
+            self.lines.append(text)
+            if "lamabus ready" in text:
+                self._ready.set()
+
+    def log_tail(self, n: int = 30) -> str:
+        return "\n".join(self.lines[-n:])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def kill(self) -> None:
+        """kill -9 the service process only (what a crash looks like); its engine worker must follow."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        assert await self.proc.wait() == -signal.SIGKILL
+        await self._finish_reader()
+
+    async def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: a graceful shutdown."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+                raise AssertionError("lamabus serve ignored SIGTERM:\n" + self.log_tail()) from None
+        await self._finish_reader()
+        return self.proc.returncode  # type: ignore[return-value]
+
+    async def _finish_reader(self) -> None:
+        if self._reader is not None:
+            with anyio.fail_after(10):
+                await self._reader  # stderr closes when the process and its children are gone
+            self._reader = None
+
+    async def aclose(self) -> None:
+        """Reap everything this started, whatever state the test left it in."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "lamabus.toml"
+    path.write_text(f"[lamabus]\nack_wait = {ACK_WAIT}\nlog_level = \"info\"\n")
+    return path
+
+
+@pytest.fixture
+async def serve(tmp_path: Path, nats_url: str, config_file: Path):
+    started: list[ServeProcess] = []
+
+    def make() -> ServeProcess:
+        proc = ServeProcess(nats_url, tmp_path / "data", config_file)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        await proc.aclose()
+
+
+@pytest.fixture
+async def nc(nats_url: str):
+    # Reconnects like the service, so it outlives a broker restart.
+    nc = await connect(nats_url, name="fault-test")
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def js(nc):
+    return nc.jetstream()
+
+
+@contextlib.asynccontextmanager
+async def in_process_service(nats_url: str, data_dir: Path):
+    from bus.app import LamabusService
+
+    settings = Settings(nats_url=nats_url, data_dir=str(data_dir), ack_wait=ACK_WAIT)
+    async with entered_in_own_task(LamabusService(settings)) as svc:
+        yield svc
+
+
+async def first_token(nc, topic: str, mid: str, post_it) -> GenerationToken:
+    """Post (via ``post_it``) and return the first streamed token of ``mid``."""
+    sub = await nc.subscribe(S.tok(topic))
+    try:
+        await nc.flush()
+        await post_it()
+        with anyio.fail_after(60):
+            while True:
+                token = decode_topic_event((await sub.next_msg(timeout=60)).data)
+                if isinstance(token, GenerationToken) and token.request_id == mid:
+                    return token
+    finally:
+        await sub.unsubscribe()
+
+
+# -- (a) lamabus serve killed mid-generation ---------------------------------------
+
+
+async def test_serve_killed_mid_generation_answers_once_after_restart(serve, nc, js):
+    topic = "crash"
+    service = serve()
+    await service.start()
+    message = chat(topic, COUNTING)
+    await first_token(nc, topic, message.id, lambda: post(js, message))
+    await service.kill()
+    # The engine worker dies with its parent (no orphan holding the model).
+    with anyio.fail_after(10):
+        while _group_members(service.pid):
+            await anyio.sleep(0.05)
+    # Killed mid-generation: nothing answered yet.
+    assert answers(await stored(js, topic), message.id) == ([], [])
+
+    await service.start()  # the same data dir: the registry remembers, JetStream redelivers
+    ended = await wait_end(js, topic, message.id)
+    assert isinstance(ended, GenerationCompleted), ended
+    await wait_settled(js)
+    completed = assert_answered_once(await stored(js, topic), topic, message.id)
+    assert completed.tokens > 0 and completed.text
+    assert await service.stop() == 0, service.log_tail()
+
+
+# -- (e) durable intake: posted while lamabus is down ---------------------------------
+
+
+async def test_message_posted_while_down_is_answered_on_start(serve, js):
+    topic = "offline"
+    service = serve()
+    await service.start()  # creates the stream and the durable consumer
+    assert await service.stop() == 0, service.log_tail()
+    message = chat(topic, "Say hello.", QUICK)
+    await post(js, message)
+    assert answers(await stored(js, topic), message.id) == ([], [])
+    await service.start()
+    ended = await wait_end(js, topic, message.id)
+    assert isinstance(ended, GenerationCompleted), ended
+    await wait_settled(js)
+    assert_answered_once(await stored(js, topic), topic, message.id)
+    assert await service.stop() == 0, service.log_tail()
+
+
+# -- (b) nats-server restarted mid-stream ----------------------------------------------
+
+
+async def test_broker_restart_mid_stream_message_answered_once(tmp_path, nats_server, nc, js):
+    topic = "broker-blip"
+    async with in_process_service(nats_server.url, tmp_path / "data") as svc:
+        message = chat(topic, COUNTING)
+        await first_token(nc, topic, message.id, lambda: post(js, message))
+        await nats_server.kill()
+        await nats_server.start()  # the same port and store
+        ended = await wait_end(js, topic, message.id)
+        assert isinstance(ended, GenerationCompleted), ended
+        await wait_settled(js)
+        assert_answered_once(await stored(js, topic), topic, message.id)
+        # The service is whole: the next message is answered too.
+        follow_up = chat(topic, "Say hello.", QUICK)
+        await post(js, follow_up)
+        assert isinstance(await wait_end(js, topic, follow_up.id), GenerationCompleted)
+        assert svc.assistant is not None and not svc.assistant.stats()["lanes"].get(topic)
+
+
+async def test_broker_down_longer_than_publish_timeout_reply_published_after_restart(tmp_path, nats_server, nc, js):
+    """The reply is recorded while the broker is away, its publish gives up; the redelivery publishes it."""
+    topic = "broker-outage"
+    async with in_process_service(nats_server.url, tmp_path / "data") as svc:
+        assert svc.registry is not None and svc.assistant is not None
+        message = chat(topic, COUNTING)
+        await first_token(nc, topic, message.id, lambda: post(js, message))
+        await nats_server.kill()
+        # Broker away: the answer is recorded, then publishing it fails and the job leaves its lane, unacked.
+        with anyio.fail_after(30):
+            while not (await svc.registry.has_replied(topic, message.id) and topic not in svc.assistant.stats()["lanes"]):
+                await anyio.sleep(0.1)
+        await nats_server.start()
+        ended = await wait_end(js, topic, message.id)
+        assert isinstance(ended, GenerationCompleted), ended
+        await wait_settled(js)
+        assert_answered_once(await stored(js, topic), topic, message.id)
+        assert svc.assistant.counters["errors"] >= 1  # the publish that gave up
+        assert svc.assistant.counters["duplicates"] >= 1  # answered from the record, not generated again
+
+
+# -- (c) the same message twice ---------------------------------------------------------
+
+
+async def test_same_message_twice_gets_one_reply(tmp_path, nats_url, js):
+    topic = "dupes"
+    async with in_process_service(nats_url, tmp_path / "data") as svc:
+        assert svc.assistant is not None
+        message = chat(topic, "Say hello.", QUICK)
+        first = await post(js, message)
+        assert await post(js, message) == first  # the broker's duplicate window drops it
+        third = await post(js, message, dedup=False)  # past any window: stored again, must still not be answered
+        assert third > first
+        assert isinstance(await wait_end(js, topic, message.id), GenerationCompleted)
+        await wait_settled(js)
+        events = await stored(js, topic)
+        assert len([e for e in events if isinstance(e, ChatMessage) and e.id == message.id]) == 2
+        assert_answered_once(events, topic, message.id)
+        assert len([e for e in events if isinstance(e, GenerationStarted)]) == 1
+        assert svc.assistant.counters["duplicates"] >= 1
+
+
+# -- (d) two topics at once ---------------------------------------------------------------
+
+
+async def test_two_topics_at_once_keep_their_own_order(tmp_path, nats_url, nc, js):
+    topics = ("left", "right")
+    async with in_process_service(nats_url, tmp_path / "data"):
+        sent: dict[str, list[str]] = {t: [] for t in topics}
+        sub = await nc.subscribe(f"{S.prefix}.topic.*.evt")
+        await nc.flush()
+        for i in range(3):
+            for topic in topics:
+                message = chat(topic, f"Say the number {i + 1}.", QUICK)
+                sent[topic].append(message.id)
+                await post(js, message)
+        done: dict[str, list[str]] = {t: [] for t in topics}
+        finished: list[str] = []  # topics in the order their completions came
+        with anyio.fail_after(90):
+            while len(finished) < 6:
+                event = decode_topic_event((await sub.next_msg(timeout=90)).data)
+                assert not isinstance(event, GenerationFailed), event
+                if isinstance(event, GenerationCompleted):
+                    done[event.topic].append(event.request_id)
+                    finished.append(event.topic)
+        await sub.unsubscribe()
+        # At once: neither topic waited for the other to finish all of its messages.
+        assert finished.index("left") < 5 - finished[::-1].index("right")
+        assert finished.index("right") < 5 - finished[::-1].index("left")
+        await wait_settled(js)
+        for topic in topics:
+            assert done[topic] == sent[topic]
+            events = await stored(js, topic)
+            replies = [e for e in events if isinstance(e, ChatMessage) and e.reply_to is not None]
+            assert [r.reply_to for r in replies] == sent[topic]
+            # Each reply is stored after the message it answers.
+            order = [e.id for e in events if isinstance(e, ChatMessage)]
+            for mid in sent[topic]:
+                assert order.index(mid) < order.index(reply_id_for(topic, mid))
+            for mid in sent[topic]:
+                assert_answered_once(events, topic, mid)
