@@ -79,13 +79,13 @@ class TopicIntake:
         self.rejected = 0
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        psub = await self.js.pull_subscribe(
-            self.subjects.all_msg, durable=CONSUMER, stream=self.subjects.stream_name,
-            config=ConsumerConfig(
-                durable_name=CONSUMER, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self.ack_wait, max_ack_pending=10_000, filter_subject=self.subjects.all_msg,
-            ),
-        )
+        # Create or update: pull_subscribe alone keeps an existing consumer's old settings, so a
+        # changed ack_wait would never apply (and progress acks paced for it would not keep up).
+        await self.js.add_consumer(self.subjects.stream_name, ConsumerConfig(
+            durable_name=CONSUMER, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait, max_ack_pending=10_000, filter_subject=self.subjects.all_msg,
+        ))
+        psub = await self.js.pull_subscribe_bind(CONSUMER, stream=self.subjects.stream_name)
         task_status.started()
         try:
             while True:

@@ -250,10 +250,10 @@ def js(nc):
 
 
 @contextlib.asynccontextmanager
-async def in_process_service(nats_url: str, data_dir: Path):
+async def in_process_service(nats_url: str, data_dir: Path, ack_wait: float = ACK_WAIT):
     from bus.app import LamabusService
 
-    settings = Settings(nats_url=nats_url, data_dir=str(data_dir), ack_wait=ACK_WAIT)
+    settings = Settings(nats_url=nats_url, data_dir=str(data_dir), ack_wait=ack_wait)
     async with entered_in_own_task(LamabusService(settings)) as svc:
         yield svc
 
@@ -420,3 +420,14 @@ async def test_two_topics_at_once_keep_their_own_order(tmp_path, nats_url, nc, j
                 assert order.index(mid) < order.index(reply_id_for(topic, mid))
             for mid in sent[topic]:
                 assert_answered_once(events, topic, mid)
+
+
+# -- restart with changed settings ------------------------------------------------------------
+
+
+async def test_restart_with_a_changed_ack_wait_applies_it(tmp_path, nats_url, js):
+    # The durable consumer outlives the service; its ack_wait must follow the configuration.
+    for ack_wait in (30.0, ACK_WAIT, 60.0):
+        async with in_process_service(nats_url, tmp_path / "data", ack_wait=ack_wait):
+            info = await js.consumer_info(S.stream_name, CONSUMER)
+            assert info.config.ack_wait == ack_wait
