@@ -41,11 +41,15 @@ async def ensure_topics_stream(js: JetStreamContext, subjects: Subjects, *, dupl
         duplicate_window=duplicate_window,
     )
     try:
-        await js.stream_info(subjects.stream_name)
+        info = await js.stream_info(subjects.stream_name)
     except NotFoundError:
         await js.add_stream(config)
     else:
-        await js.update_stream(config)
+        # Update only what is ours: limits an operator set on the stream (max_age, max_bytes, ...)
+        # must survive a restart.
+        current = info.config
+        current.subjects, current.duplicate_window = config.subjects, config.duplicate_window
+        await js.update_stream(current)
 
 
 class JetStreamDelivery:

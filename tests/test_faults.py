@@ -24,7 +24,7 @@ from nats.js.errors import NotFoundError
 
 from bus.config import Settings
 from bus.connection import connect
-from bus.intake import CONSUMER
+from bus.intake import CONSUMER, ensure_topics_stream
 from bus.publisher import MSG_ID
 from bus.replay import records
 from bus.subjects import Subjects
@@ -431,3 +431,14 @@ async def test_restart_with_a_changed_ack_wait_applies_it(tmp_path, nats_url, js
         async with in_process_service(nats_url, tmp_path / "data", ack_wait=ack_wait):
             info = await js.consumer_info(S.stream_name, CONSUMER)
             assert info.config.ack_wait == ack_wait
+
+
+async def test_restart_keeps_stream_limits_an_operator_set(js):
+    await ensure_topics_stream(js, S, duplicate_window=120)
+    config = (await js.stream_info(S.stream_name)).config
+    config.max_age, config.max_bytes = 3600.0, 10**9
+    await js.update_stream(config)
+    await ensure_topics_stream(js, S, duplicate_window=300)  # what every start does
+    config = (await js.stream_info(S.stream_name)).config
+    assert (config.max_age, config.max_bytes, config.duplicate_window) == (3600.0, 10**9, 300.0)
+    assert sorted(config.subjects) == sorted([S.all_msg, S.all_evt])
