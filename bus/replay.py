@@ -161,8 +161,8 @@ async def _read(js: JetStreamContext, topic: str, *, prefix: str, from_seq: int 
                     continue
                 consumer = info.name
                 psub = await js.pull_subscribe_bind(consumer, stream=stream)
-                if not follow and not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
-                    return
+                if not follow and not info.num_pending:
+                    return  # nothing (more) to read from there
             try:
                 msgs = await psub.fetch(_FETCH_BATCH, timeout=idle if follow else _CATCH_UP_WAIT)
             except (NatsTimeoutError, TimeoutError):
