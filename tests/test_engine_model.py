@@ -6,6 +6,7 @@ One worker is shared by the module (loading takes a second); generations stay sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import msgspec
@@ -297,3 +298,22 @@ async def test_cancel_while_queued_and_while_running(engine, handle):
         assert await engine.cancel(f"busy-{i}")
     results = await asyncio.gather(*busy)
     assert all(x.finish_reason == "cancelled" and 0 < x.tokens < 300 for x in results)
+
+
+async def test_anyio_cancel_scope_stops_generation(engine, handle):
+    import anyio
+
+    req = chat("anyio-cancel", ("user", "Tell me a long story."), max_tokens=2000, stop=[], ignore_eos=True)
+    got = 0
+    with anyio.CancelScope() as scope:
+        async with contextlib.aclosing(engine.generate_stream(handle, req)) as stream:
+            async for _ in stream:
+                got += 1
+                if got == 2:
+                    scope.cancel()
+                    await anyio.sleep(0)  # a checkpoint: the cancellation is delivered here
+    assert scope.cancelled_caught and got == 2
+    _, r = await collect(engine, handle, chat("after-anyio", ("user", "Say hi."), max_tokens=3))
+    assert r.tokens > 0
+    slots = engine.diagnostics()["models"][0]["worker"]["slots"]
+    assert not any(s["busy"] for s in slots)
