@@ -278,7 +278,9 @@ def render(results: dict[str, Any]) -> str:
     w("## Where the time goes\n")
     if prof.get("taken"):
         w(f"Profiled because: {prof.get('reason')}. {prof.get('tool')}, {prof.get('seconds')} s, "
-          f"{prof.get('requests')} single-stream requests through the bus. Percent of the process's non-idle samples.\n")
+          f"{prof.get('requests')} single-stream requests through the bus."
+          + (" Percent of each process's non-idle samples." if prof.get("service") or prof.get("engine_worker") else "")
+          + "\n")
         for role in ("service", "engine_worker"):
             summary = prof.get(role)
             if not summary or not summary.get("samples"):
