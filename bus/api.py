@@ -142,7 +142,11 @@ class Api:
                 return
             last[0] = now
             data = encode(Progress(operation=operation, ref=ref, done=done, total=total))  # type: ignore[arg-type]
-            asyncio.run_coroutine_threadsafe(nc.publish(subject, data), loop)
+            publish = nc.publish(subject, data)
+            try:
+                asyncio.run_coroutine_threadsafe(publish, loop)  # fire and forget: progress is best effort
+            except RuntimeError:  # the loop is closing (the service stops): no one to tell
+                publish.close()
 
         return callback
 

@@ -10,7 +10,6 @@ import pytest
 from bus.client import raise_for_error
 from bus.service import ERROR_COUNTS, Endpoint, boundary, start_service, validation_error
 from wire.errors import ErrorCode, LamaError
-from wire.messages import encode
 
 PREFIX = "t.api"
 
@@ -165,4 +164,3 @@ def test_a_concurrent_endpoint_needs_a_task_group():
 
     with pytest.raises(ValueError, match="task group"):
         boundary(Gate, handler, name="x", concurrent=True)
-    assert encode({"a": 1}) == b'{"a":1}'
