@@ -29,7 +29,6 @@ from handlers.catalog import list_catalog, pull
 from handlers.registry import ProgressCallback, Registry
 from wire.api import (
     CatalogList,
-    CatalogModel,
     CatalogReply,
     LlmCancel,
     LlmCancelReply,
@@ -49,7 +48,6 @@ from wire.api import (
     ModelLoad,
     ModelLoadReply,
     ModelPull,
-    ModelRecord,
     ModelRemove,
     ModelReply,
     ModelsList,
@@ -62,7 +60,6 @@ from wire.api import (
     TopicGet,
     TopicList,
     TopicListReply,
-    TopicRecord,
     TopicReply,
 )
 from wire.errors import ErrorCode, LamaError
@@ -76,12 +73,6 @@ MAX_HANDLES = 32
 """``llm.initialize`` handles open at once; more is ``busy`` (each may hold a model in memory)."""
 PROGRESS_INTERVAL = 0.1
 """Seconds between two progress events of one pull/import (the last one is always sent)."""
-
-
-def _record(value: Any, record_type: type) -> Any:
-    # The registry's records and the wire mirrors share their fields (tests/test_api_wire.py keeps them equal);
-    # through builtins, so that defaults stay defaults and omit_defaults leaves out the same fields.
-    return msgspec.convert(msgspec.to_builtins(value), record_type)
 
 
 def _has_values(params: msgspec.Struct | None) -> bool:
@@ -154,22 +145,22 @@ class Api:
 
     async def models_list(self, req: ModelsList) -> ModelListReply:
         models = await self.registry.list_models(include_deleted=req.include_deleted)
-        return ModelListReply(models=[_record(m, ModelRecord) for m in models],
+        return ModelListReply(models=[m for m in models],
                               active_model_id=self.registry.view.active_model_id, loaded=self._loaded())
 
     async def models_get(self, req: ModelGet) -> ModelReply:
-        return ModelReply(model=_record(await self.registry.get_model(req.model_id), ModelRecord))
+        return ModelReply(model=await self.registry.get_model(req.model_id))
 
     async def models_import(self, req: ModelImport) -> ModelReply:
         progress = self._progress(req.progress_subject, "import", req.path)
         m = await self.registry.import_model(req.path, req.name, generation=req.generation, load=req.load,
                                              progress=progress, expected_sha256=req.expected_sha256)
-        return ModelReply(model=_record(m, ModelRecord))
+        return ModelReply(model=m)
 
     async def models_pull(self, req: ModelPull) -> ModelReply:
         progress = self._progress(req.progress_subject, "pull", req.ref)
         m = await pull(self.registry, req.ref, progress=progress, name=req.name)
-        return ModelReply(model=_record(m, ModelRecord))
+        return ModelReply(model=m)
 
     async def models_update(self, req: ModelUpdate) -> ModelReply:
         """Parameters, then the system prompt (two appends when both change; each is atomic)."""
@@ -189,14 +180,14 @@ class Api:
                                 expected_version=req.expected_version)
         if change_prompt:
             m = await self.registry.set_model_system_prompt(req.model_id, req.system_prompt)  # type: ignore[arg-type]
-        return ModelReply(model=_record(m, ModelRecord))
+        return ModelReply(model=m)
 
     async def models_activate(self, req: ModelActivate) -> ModelReply:
-        return ModelReply(model=_record(await self.registry.activate(req.model_id), ModelRecord))
+        return ModelReply(model=await self.registry.activate(req.model_id))
 
     async def models_remove(self, req: ModelRemove) -> ModelReply:
         assert self.svc.models is not None
-        return ModelReply(model=_record(await self.svc.models.remove(req.model_id), ModelRecord))
+        return ModelReply(model=await self.svc.models.remove(req.model_id))
 
     async def models_load(self, req: ModelLoad) -> ModelLoadReply:
         assert self.svc.models is not None
@@ -214,7 +205,7 @@ class Api:
     async def catalog_list(self, _: CatalogList) -> CatalogReply:
         entries = list_catalog()
         live = {m.id for m in await self.registry.list_models()}
-        return CatalogReply(models=[_record(e, CatalogModel) for e in entries],
+        return CatalogReply(models=[e for e in entries],
                             registered=[e.id for e in entries if e.id in live])
 
     # ------------------------------------------------------------------ topics
@@ -222,16 +213,16 @@ class Api:
     async def topics_create(self, req: TopicCreate) -> TopicReply:
         info = await self.registry.create_topic(req.topic_id, req.name, req.model_id, req.created_by,
                                                 system_prompt=req.system_prompt)
-        return TopicReply(topic=_record(info, TopicRecord))
+        return TopicReply(topic=info)
 
     async def topics_get(self, req: TopicGet) -> TopicReply:
-        return TopicReply(topic=_record(await self.registry.get_topic(req.topic_id), TopicRecord))
+        return TopicReply(topic=await self.registry.get_topic(req.topic_id))
 
     async def topics_list(self, _: TopicList) -> TopicListReply:
-        return TopicListReply(topics=[_record(t, TopicRecord) for t in await self.registry.list_topics()])
+        return TopicListReply(topics=[t for t in await self.registry.list_topics()])
 
     async def topics_bind(self, req: TopicBind) -> TopicReply:
-        return TopicReply(topic=_record(await self.registry.bind_topic(req.topic_id, req.model_id), TopicRecord))
+        return TopicReply(topic=await self.registry.bind_topic(req.topic_id, req.model_id))
 
     # ------------------------------------------------------------------ llm
 

@@ -405,10 +405,8 @@ async def _service_snapshot(settings: Settings, timeout: float) -> _Snapshot | N
 
 
 async def _rebuilt_snapshot(settings: Settings, up_to: int | None) -> tuple[_Snapshot, float]:
-    from bus.api import _record
     from handlers.registry import Registry
     from storage.projections import Projections
-    from wire.api import ModelRecord, TopicRecord
 
     async with _open_store(settings) as store:
         started = time.perf_counter()
@@ -423,9 +421,8 @@ async def _rebuilt_snapshot(settings: Settings, up_to: int | None) -> tuple[_Sna
         return _Snapshot(
             position=view.position, events=view.event_count, models=len(view.models),
             live_models=len(view.live_models()), topics=len(view.topics), active_model_id=view.active_model_id,
-            model_records=sorted((_record(m, ModelRecord) for m in view.models.values()), key=lambda m: m.id),
-            topic_records=sorted((_record(registry.topic_info(r), TopicRecord) for r in view.topics.values()),
-                                 key=lambda t: t.id),
+            model_records=sorted(view.models.values(), key=lambda m: m.id),
+            topic_records=sorted((registry.topic_info(r) for r in view.topics.values()), key=lambda t: t.id),
         ), seconds
 
 

@@ -32,37 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgspec
 
 from handlers.registry import ProgressCallback, Registry, run_in_thread
+from wire.records import CatalogEntry
 from storage.projections import LLM
 from wire.errors import ErrorCode, LamaError
 from wire.identity import slugify
 from wire.params import GenerationParams, ModelParams
-
-
-class CatalogEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
-    id: str
-    name: str
-    filename: str
-    architecture: str
-    quantization: str
-    parameters_count: int
-    context_length: int
-    approx_size: str
-    download_url: str | None = None
-    """None for the bundled model, which ships in a Python package instead."""
-    size: int | None = None
-    """Exact bytes, only where known."""
-    sha256: str | None = None
-    """Only where known; a pull then refuses any other file."""
-    capabilities: tuple[str, ...] = ("chat", "inference")
-    generation: GenerationParams | None = None
-    """Stored on the model when pulled."""
-    load: ModelParams | None = None
-    source: str = "huggingface"
-    aliases: tuple[str, ...] = ()
-    note: str | None = None
 
 
 KNOWN_MODELS: tuple[CatalogEntry, ...] = (

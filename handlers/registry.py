@@ -69,6 +69,7 @@ from wire.errors import ErrorCode, LamaError
 from wire.identity import slugify
 from wire.messages import ChatMessage, GenerationCompleted, valid_topic_id
 from wire.params import GenerationParams, ModelParams
+from wire.records import TopicInfo
 
 ProgressCallback = Callable[[int, "int | None"], None]
 """``(bytes_done, bytes_total)``; called from a worker thread, so keep it thread-safe (rich's Progress is)."""
@@ -108,25 +109,6 @@ async def run_in_thread(fn: Callable[..., Any], *args: Any, stop: threading.Even
 async def hash_file(path: str | os.PathLike[str], progress: ProgressCallback | None = None) -> str:
     stop = threading.Event()
     return await run_in_thread(sha256_file, path, progress, stop, stop=stop)
-
-
-class TopicInfo(msgspec.Struct, frozen=True, rename="camel"):
-    """A topic as ``lama.api.topics.get/list`` return it: the room plus who answers there now."""
-
-    id: str
-    name: str | None
-    bound_model_id: str | None
-    model_id: str | None
-    """The model that answers here now: the bound one, else the active one (null: none)."""
-    person_id: str | None
-    created_by: str | None
-    created: int
-    modified: int
-    message_count: int
-    reply_count: int
-    version: int
-    system_prompt: str | None = None
-    """The topic's own system prompt (null: the model's, else the service default)."""
 
 
 class RegistryDiagnostics(msgspec.Struct, frozen=True, rename="camel"):

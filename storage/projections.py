@@ -9,7 +9,6 @@ from the log gives exactly the state that was kept incrementally
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
 
 import msgspec
 from msgspec.structs import replace
@@ -38,80 +37,12 @@ from storage.store import EventStore, StoredEvent
 from wire.errors import ErrorCode, LamaError
 from wire.identity import person_id_for
 from wire.params import GenerationParams, ModelParams
+from wire.records import GENERATION_FIELDS, LLM, LOAD_FIELDS
 
-GENERATION_FIELDS = GenerationParams.__struct_fields__  # max_tokens, temperature, top_p, top_k, stop, seed
-LOAD_FIELDS = ModelParams.__struct_fields__  # context_size, batch_size, gpu_layers, threads, parallel
 
 
 def iso_ms(at: int) -> str:
     return datetime.fromtimestamp(at / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class LLM(msgspec.Struct, frozen=True, rename="camel"):
-    """The seed's ``LLM`` record, every field of it, as ``lama.api.models.list/get`` return it.
-
-    Times: ``created``/``modified``/``lastInitialized`` are epoch milliseconds
-    (0 = never), ``createdAt``/``lastUsed`` ISO-8601 strings (``lastUsed`` is
-    null until first use). Parameter fields are the model's stored overrides;
-    null means "the default in ``wire.params.DEFAULTS``". Field names equal
-    those of ``GenerationParams``/``ModelParams`` so the two convert 1:1.
-    Fields after ``model_path`` are lamabus additions.
-    """
-
-    id: str
-    name: str
-    model_type: Literal["local", "cloud"]
-    filename: str
-    person_id: str
-    deleted: bool
-    active: bool
-    creator: str
-    created: int
-    modified: int
-    created_at: str
-    last_used: str | None
-    usage_count: int
-    size: int
-    capabilities: tuple[str, ...]
-    last_initialized: int
-    # the seed's model parameters
-    temperature: float | None = None
-    batch_size: int | None = None
-    threads: int | None = None
-    max_tokens: int | None = None
-    context_size: int | None = None
-    mirostat: int | None = None  # in the seed's record; llama.cpp's mirostat is not exposed here, so always null
-    top_k: int | None = None
-    top_p: float | None = None
-    # the seed's optional properties
-    architecture: str | None = None
-    context_length: int | None = None
-    quantization: str | None = None
-    checksum: str | None = None
-    provider: str | None = None
-    model_loaded: bool = False
-    model_path: str = ""
-    # lamabus additions
-    parameter_count: int | None = None
-    stop: tuple[str, ...] | None = None
-    seed: int | None = None
-    gpu_layers: int | None = None
-    parallel: int | None = None
-    version: int = 0
-    """The model stream's version: the ``expected_version`` for an update."""
-    last_error: str | None = None
-    """``code: message`` of the last failed load, cleared by a successful one."""
-    system_prompt: str | None = None
-    """What this model's conversations start with; null: the topic's or the service default."""
-
-    def generation_params(self) -> GenerationParams:
-        values = {f: getattr(self, f) for f in GENERATION_FIELDS}
-        if values["stop"] is not None:
-            values["stop"] = list(values["stop"])
-        return GenerationParams(**values)
-
-    def model_params(self) -> ModelParams:
-        return ModelParams(**{f: getattr(self, f) for f in LOAD_FIELDS})
 
 
 class TopicRoom(msgspec.Struct, frozen=True, rename="camel"):

@@ -6,7 +6,6 @@ import uuid
 from datetime import datetime, timezone
 
 import msgspec
-import nats
 import pytest
 
 from wire.errors import ErrorCode, LamaError

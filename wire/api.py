@@ -6,11 +6,9 @@ Every request and reply is a frozen Struct, camelCase on the wire, with a
 given it must match. Requests refuse unknown fields, so a typo is a
 ``bad_request`` naming the field instead of a silently ignored option.
 
-The records the registry returns (:class:`ModelRecord`, :class:`TopicRecord`,
-:class:`CatalogModel`) mirror ``storage.projections.LLM``,
-``handlers.registry.TopicInfo`` and ``handlers.catalog.CatalogEntry`` field for
-field (a test keeps them equal): ``wire`` may not import those layers, and a
-client should not have to. See ``docs/api.md`` for every endpoint.
+The records replies carry (:class:`ModelRecord`, :class:`TopicRecord`,
+:class:`CatalogModel`) are the registry's own, from :mod:`wire.records`.
+See ``docs/api.md`` for every endpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from wire.errors import ErrorBody
 from wire.messages import Channel, MessageText, Timing, TopicId, Usage
+from wire.records import LLM, CatalogEntry, TopicInfo
 from wire.params import (
     BatchSize,
     ContextSize,
@@ -65,87 +64,10 @@ class _Reply(msgspec.Struct, frozen=True, rename="camel", tag_field="type", kw_o
 # ------------------------------------------------------------------------------------------ records
 
 
-class ModelRecord(msgspec.Struct, frozen=True, rename="camel"):
-    """The seed's ``LLM`` record (mirror of ``storage.projections.LLM``; see that class for the fields)."""
-
-    id: str
-    name: str
-    model_type: Literal["local", "cloud"]
-    filename: str
-    person_id: str
-    deleted: bool
-    active: bool
-    creator: str
-    created: int
-    modified: int
-    created_at: str
-    last_used: str | None
-    usage_count: int
-    size: int
-    capabilities: tuple[str, ...]
-    last_initialized: int
-    temperature: float | None = None
-    batch_size: int | None = None
-    threads: int | None = None
-    max_tokens: int | None = None
-    context_size: int | None = None
-    mirostat: int | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    architecture: str | None = None
-    context_length: int | None = None
-    quantization: str | None = None
-    checksum: str | None = None
-    provider: str | None = None
-    model_loaded: bool = False
-    model_path: str = ""
-    parameter_count: int | None = None
-    stop: tuple[str, ...] | None = None
-    seed: int | None = None
-    gpu_layers: int | None = None
-    parallel: int | None = None
-    version: int = 0
-    last_error: str | None = None
-    system_prompt: str | None = None
-
-
-class TopicRecord(msgspec.Struct, frozen=True, rename="camel"):
-    """A topic room and who answers there now (mirror of ``handlers.registry.TopicInfo``)."""
-
-    id: str
-    name: str | None
-    bound_model_id: str | None
-    model_id: str | None
-    person_id: str | None
-    created_by: str | None
-    created: int
-    modified: int
-    message_count: int
-    reply_count: int
-    version: int
-    system_prompt: str | None = None
-
-
-class CatalogModel(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
-    """A model lamabus knows how to get (mirror of ``handlers.catalog.CatalogEntry``)."""
-
-    id: str
-    name: str
-    filename: str
-    architecture: str
-    quantization: str
-    parameters_count: int
-    context_length: int
-    approx_size: str
-    download_url: str | None = None
-    size: int | None = None
-    sha256: str | None = None
-    capabilities: tuple[str, ...] = ("chat", "inference")
-    generation: GenerationParams | None = None
-    load: ModelParams | None = None
-    source: str = "huggingface"
-    aliases: tuple[str, ...] = ()
-    note: str | None = None
+#: The registry's own records, sent as they are (see wire/records.py).
+ModelRecord = LLM
+TopicRecord = TopicInfo
+CatalogModel = CatalogEntry
 
 
 # ------------------------------------------------------------------------------------------ models
