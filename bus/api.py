@@ -56,6 +56,7 @@ from wire.api import (
     ModelUpdate,
     Progress,
     TopicBind,
+    TopicUpdate,
     TopicCreate,
     TopicGet,
     TopicList,
@@ -220,6 +221,9 @@ class Api:
 
     async def topics_list(self, _: TopicList) -> TopicListReply:
         return TopicListReply(topics=[t for t in await self.registry.list_topics()])
+
+    async def topics_update(self, req: TopicUpdate) -> TopicReply:
+        return TopicReply(topic=await self.registry.set_topic_system_prompt(req.topic_id, req.system_prompt))
 
     async def topics_bind(self, req: TopicBind) -> TopicReply:
         return TopicReply(topic=await self.registry.bind_topic(req.topic_id, req.model_id))
@@ -390,6 +394,7 @@ class Api:
             ep("topics", "get", TopicGet, self.topics_get, "one topic and who answers there"),
             ep("topics", "list", TopicList, self.topics_list, "every topic"),
             ep("topics", "bind", TopicBind, self.topics_bind, "bind a topic to a model (null: follow the active one)"),
+            ep("topics", "update", TopicUpdate, self.topics_update, "set or clear the topic's system prompt"),
             ep("llm", "initialize", LlmInitialize, self.llm_initialize, "load a model, get an opaque handle",
                concurrent=True),
             ep("llm", "generate", LlmGenerate, self.llm_generate, "generate; reply with the result",

@@ -2,7 +2,7 @@
 
     lamabus models list|show|import|pull|update|activate|rm|load|unload
     lamabus catalog
-    lamabus topics create|show|list|bind
+    lamabus topics create|show|list|bind|prompt
     lamabus registry events [--from N] [--follow]
     lamabus registry rebuild
     lamabus diagnostics
@@ -492,6 +492,7 @@ def _diagnostics(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
              common: Callable[[argparse.ArgumentParser], None]) -> None:
     from wire.api import (
+    TopicUpdate,
         CatalogList,
         CatalogReply,
         ModelActivate,
@@ -583,7 +584,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
         "catalog.list", lambda a: CatalogList(), CatalogReply, _render_catalog))
 
     # -- topics
-    topics = group("topics", "topic rooms: create, show, list, bind")
+    topics = group("topics", "topic rooms: create, show, list, bind, prompt")
     p = leaf(topics, "create", "create a topic room", _api(
         "topics.create", lambda a: TopicCreate(topic_id=a.topic_id, name=a.name, model_id=a.model,
                                                created_by=a.created_by, system_prompt=a.system_prompt),
@@ -604,6 +605,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("model_id", metavar="MODEL", nargs="?")
     which.add_argument("--unbind", action="store_true")
+    p = leaf(topics, "prompt", "set the topic's own system prompt, or --clear it", _api(
+        "topics.update", lambda a: TopicUpdate(topic_id=a.topic_id, system_prompt=None if a.clear else a.text),
+        TopicReply, _render_topic))
+    p.add_argument("topic_id", metavar="TOPIC")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("text", metavar="TEXT", nargs="?")
+    which.add_argument("--clear", action="store_true")
 
     # -- the registry file
     registry = group("registry", "the event-sourced registry: its log, and rebuilding projections from it")

@@ -31,6 +31,7 @@ from wire.api import (
     TopicCreate,
     TopicGet,
     TopicList,
+    TopicUpdate,
     TopicListReply,
     TopicReply,
 )
@@ -43,7 +44,7 @@ BUNDLED = KNOWN_MODELS[-1].id  # smollm2-135m-instruct
 ENDPOINTS = {
     "models.list", "models.get", "models.import", "models.pull", "models.update", "models.activate",
     "models.remove", "models.load", "models.unload", "catalog.list", "topics.create", "topics.get", "topics.list",
-    "topics.bind", "llm.initialize", "llm.generate", "llm.generate_stream", "llm.cancel", "llm.release",
+    "topics.bind", "topics.update", "llm.initialize", "llm.generate", "llm.generate_stream", "llm.cancel", "llm.release",
     "diagnostics",
 }
 
@@ -83,7 +84,7 @@ BAD_PAYLOADS = [
     ("models.pull", b'{"ref": "x", "progressSubject": "lama.api.models.list"}', "$.progressSubject"),
     ("models.pull", b'{"ref": "x", "progressSubject": "a.>"}', "$.progressSubject"),
     ("topics.create", b'{"topicId": "has space"}', "$.topicId"),
-    ("topics.bind", b'{"topicId": "t"}', "$.modelId"),
+    ("topics.bind", "topics.update", b'{"topicId": "t"}', "$.modelId"),
     ("llm.initialize", b"{}", "$.modelId"),
     ("llm.generate", b'{"handle": "h", "messages": [{"role": "robot", "content": "x"}]}', "$.messages[0].role"),
     ("llm.generate_stream", b'{"handle": "h", "prompt": "x", "subject": "$JS.API.INFO"}', "$.subject"),
@@ -217,21 +218,30 @@ async def test_topics(service, client):
 
     tiny_gguf(service)
     await client.request("models.import", ModelImport(path="tiny.gguf"), ModelReply)
-    bound = (await client.request("topics.bind", TopicBind(topic_id="room-1", model_id="tiny"), TopicReply)).topic
+    bound = (await client.request("topics.bind", "topics.update", TopicBind(topic_id="room-1", model_id="tiny"), TopicReply)).topic
     assert (bound.bound_model_id, bound.model_id, bound.person_id) == ("tiny", "tiny", person_id_for("tiny"))
     assert bound.version > created.version
     # Binding a topic that does not exist yet creates it.
-    fresh = (await client.request("topics.bind", TopicBind(topic_id="room-2", model_id=BUNDLED), TopicReply)).topic
+    fresh = (await client.request("topics.bind", "topics.update", TopicBind(topic_id="room-2", model_id=BUNDLED), TopicReply)).topic
     assert fresh.bound_model_id == BUNDLED
-    assert (await error(client, "topics.bind", TopicBind(topic_id="room-1", model_id="ghost"))).code is \
+    assert (await error(client, "topics.bind", "topics.update", TopicBind(topic_id="room-1", model_id="ghost"))).code is \
         ErrorCode.MODEL_NOT_FOUND
-    unbound = (await client.request("topics.bind", TopicBind(topic_id="room-1", model_id=None), TopicReply)).topic
+    unbound = (await client.request("topics.bind", "topics.update", TopicBind(topic_id="room-1", model_id=None), TopicReply)).topic
     assert (unbound.bound_model_id, unbound.model_id) == (None, BUNDLED)
     with_model = (await client.request("topics.create", TopicCreate(topic_id="room-3", model_id="tiny"),
                                        TopicReply)).topic
     assert with_model.bound_model_id == "tiny"
     topics = (await client.request("topics.list", TopicList(), TopicListReply)).topics
     assert [t.id for t in topics] == ["room-1", "room-2", "room-3"]
+    prompted = (await client.request("topics.update", TopicUpdate(topic_id="room-2", system_prompt="Rhyme."),
+                                     TopicReply)).topic
+    assert prompted.system_prompt == "Rhyme."
+    assert (await service.assistant.directory.resolve_model("room-2", None)).system_prompt == "Rhyme."
+    cleared = (await client.request("topics.update", TopicUpdate(topic_id="room-2", system_prompt=None),
+                                    TopicReply)).topic
+    assert cleared.system_prompt is None
+    status, body = await raw(client, "topics.update", b'{"topicId": "room-2"}')
+    assert status == "400" and body["details"]["field"] == "$.systemPrompt"
 
 
 async def test_diagnostics_counts_errors_per_endpoint(service, client):

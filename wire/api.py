@@ -200,6 +200,12 @@ class TopicBind(_Request, tag="topics.bind"):
     """Required; null unbinds (the topic follows the active model again)."""
 
 
+class TopicUpdate(_Request, tag="topics.update"):
+    topic_id: TopicId
+    system_prompt: MessageText | None
+    """Required; null drops the topic's own prompt (its model's, else the default, applies)."""
+
+
 class TopicReply(_Reply, tag="topic"):
     topic: TopicRecord
 
