@@ -84,7 +84,7 @@ BAD_PAYLOADS = [
     ("models.pull", b'{"ref": "x", "progressSubject": "lama.api.models.list"}', "$.progressSubject"),
     ("models.pull", b'{"ref": "x", "progressSubject": "a.>"}', "$.progressSubject"),
     ("topics.create", b'{"topicId": "has space"}', "$.topicId"),
-    ("topics.bind", "topics.update", b'{"topicId": "t"}', "$.modelId"),
+    ("topics.bind", b'{"topicId": "t"}', "$.modelId"),
     ("llm.initialize", b"{}", "$.modelId"),
     ("llm.generate", b'{"handle": "h", "messages": [{"role": "robot", "content": "x"}]}', "$.messages[0].role"),
     ("llm.generate_stream", b'{"handle": "h", "prompt": "x", "subject": "$JS.API.INFO"}', "$.subject"),
@@ -218,15 +218,15 @@ async def test_topics(service, client):
 
     tiny_gguf(service)
     await client.request("models.import", ModelImport(path="tiny.gguf"), ModelReply)
-    bound = (await client.request("topics.bind", "topics.update", TopicBind(topic_id="room-1", model_id="tiny"), TopicReply)).topic
+    bound = (await client.request("topics.bind", TopicBind(topic_id="room-1", model_id="tiny"), TopicReply)).topic
     assert (bound.bound_model_id, bound.model_id, bound.person_id) == ("tiny", "tiny", person_id_for("tiny"))
     assert bound.version > created.version
     # Binding a topic that does not exist yet creates it.
-    fresh = (await client.request("topics.bind", "topics.update", TopicBind(topic_id="room-2", model_id=BUNDLED), TopicReply)).topic
+    fresh = (await client.request("topics.bind", TopicBind(topic_id="room-2", model_id=BUNDLED), TopicReply)).topic
     assert fresh.bound_model_id == BUNDLED
-    assert (await error(client, "topics.bind", "topics.update", TopicBind(topic_id="room-1", model_id="ghost"))).code is \
+    assert (await error(client, "topics.bind", TopicBind(topic_id="room-1", model_id="ghost"))).code is \
         ErrorCode.MODEL_NOT_FOUND
-    unbound = (await client.request("topics.bind", "topics.update", TopicBind(topic_id="room-1", model_id=None), TopicReply)).topic
+    unbound = (await client.request("topics.bind", TopicBind(topic_id="room-1", model_id=None), TopicReply)).topic
     assert (unbound.bound_model_id, unbound.model_id) == (None, BUNDLED)
     with_model = (await client.request("topics.create", TopicCreate(topic_id="room-3", model_id="tiny"),
                                        TopicReply)).topic
