@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from bus.config import Settings
 from bus.connection import connect
 from bus.embedded import EmbeddedNatsServer
-from bus.intake import TopicIntake, ensure_topics_stream
+from bus.intake import TopicIntake
 from bus.publisher import NatsPublisher
 from bus.service import error_reply, start_service
 from bus.subjects import Subjects
@@ -124,8 +124,8 @@ class LamabusService:
                               on_new_message=s.on_new_message, system_prompt=s.system_prompt,
                               progress_interval=max(1.0, s.ack_wait / 3)),
         ))
-        await ensure_topics_stream(js, self.subjects, duplicate_window=s.duplicate_window)
-        self.intake = TopicIntake(js, self.subjects, self.assistant.submit, ack_wait=s.ack_wait)
+        self.intake = TopicIntake(js, self.subjects, self.assistant.submit, ack_wait=s.ack_wait,
+                                  duplicate_window=s.duplicate_window)
 
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(self._tg.cancel_scope.cancel)  # runs before the task group exits

@@ -20,7 +20,8 @@ async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = 
         log.info("reconnected to %s", url)
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats error: %s", exc)
+        # A client that gives up after a few tries reports the failure itself, once.
+        log.log(logging.WARNING if reconnect_forever else logging.DEBUG, "nats error: %s", exc)
 
     await nc.connect(
         url,

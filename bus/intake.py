@@ -52,6 +52,13 @@ async def ensure_topics_stream(js: JetStreamContext, subjects: Subjects, *, dupl
         await js.update_stream(current)
 
 
+async def _unsubscribe(psub: JetStreamContext.PullSubscription) -> None:
+    try:
+        await psub.unsubscribe()
+    except Exception:  # already gone with its connection or consumer
+        pass
+
+
 class JetStreamDelivery:
     def __init__(self, msg: Msg) -> None:
         self._msg = msg
@@ -74,22 +81,28 @@ class TopicIntake:
     """Pulls chat messages from the durable consumer and submits each one."""
 
     def __init__(self, js: JetStreamContext, subjects: Subjects, submit: Submit, *,
-                 ack_wait: float, batch: int = 32) -> None:
+                 ack_wait: float, duplicate_window: float, batch: int = 32) -> None:
         self.js = js
         self.subjects = subjects
         self.submit = submit
         self.ack_wait = ack_wait
+        self.duplicate_window = duplicate_window
         self.batch = batch
         self.rejected = 0
+        self.rebinds = 0
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def _bind(self) -> JetStreamContext.PullSubscription:
+        await ensure_topics_stream(self.js, self.subjects, duplicate_window=self.duplicate_window)
         # Create or update: pull_subscribe alone keeps an existing consumer's old settings, so a
         # changed ack_wait would never apply (and progress acks paced for it would not keep up).
         await self.js.add_consumer(self.subjects.stream_name, ConsumerConfig(
             durable_name=CONSUMER, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait, max_ack_pending=10_000, filter_subject=self.subjects.all_msg,
         ))
-        psub = await self.js.pull_subscribe_bind(CONSUMER, stream=self.subjects.stream_name)
+        return await self.js.pull_subscribe_bind(CONSUMER, stream=self.subjects.stream_name)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        psub = await self._bind()
         task_status.started()
         try:
             while True:
@@ -97,18 +110,28 @@ class TopicIntake:
                     msgs = await psub.fetch(self.batch, timeout=5)
                 except (NatsTimeoutError, TimeoutError):
                     continue
-                except Exception as exc:  # broker restarting, connection lost: keep trying
-                    log.warning("fetch failed (%s); retrying", exc)
+                except Exception as exc:
+                    # The broker restarting, the connection lost, or the stream or consumer gone
+                    # (a broker that came back with an empty store): bind again, from scratch.
+                    log.warning("fetch failed (%s); binding the intake again", exc)
                     await anyio.sleep(0.5)
+                    psub = await self._rebind(psub)
                     continue
                 for msg in msgs:
                     await self._take(msg)
         finally:
             with anyio.CancelScope(shield=True):
-                try:
-                    await psub.unsubscribe()
-                except Exception:
-                    pass
+                await _unsubscribe(psub)
+
+    async def _rebind(self, old: JetStreamContext.PullSubscription) -> JetStreamContext.PullSubscription:
+        try:
+            new = await self._bind()
+        except Exception as exc:  # still unreachable: keep the old one and try again on the next failure
+            log.warning("binding the intake failed (%s)", exc)
+            return old
+        await _unsubscribe(old)
+        self.rebinds += 1
+        return new
 
     async def _take(self, msg: Msg) -> None:
         raw_topic = self.subjects.topic_of(msg.subject)
