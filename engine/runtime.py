@@ -22,7 +22,7 @@ import secrets
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,9 @@ class _GenState:
 class _Worker:
     """One ``python -m engine.worker`` process and the tasks that read its pipes."""
 
-    def __init__(self, python: str, config: ModelConfig, log_level: int) -> None:
+    def __init__(self, python: str, config: ModelConfig, log_level: int, extra_env: dict[str, str]) -> None:
         self.python = python
+        self.extra_env = extra_env
         self.config = config
         self.log_level = log_level
         self.proc: asyncio.subprocess.Process | None = None
@@ -117,7 +118,7 @@ class _Worker:
         return self.proc.pid if self.proc is not None else None
 
     async def start(self, timeout: float) -> Loaded:
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = await asyncio.create_subprocess_exec(
             self.python,
@@ -318,8 +319,15 @@ class Engine:
         memory_probe: MemoryProbe = available_memory,
         load_timeout: float = 120.0,
         llama_log_level: int = 4,
+        worker_env: Mapping[str, str] | None = None,
     ) -> None:
+        """``memory_probe``: what may be used now (tests pretend it is small). ``llama_log_level``: llama.cpp
+        log lines at or above it (ggml levels: 2 info, 3 warn, 4 error) go to the worker's stderr.
+        ``worker_env``: extra environment for workers, e.g. ``{"OMP_WAIT_POLICY": "PASSIVE"}`` on a box
+        whose cores are oversubscribed (OpenMP's spinning barriers collapse there; on an idle box
+        spinning is faster, so it is not the default)."""
         self._python = worker_python
+        self._worker_env = dict(worker_env or {})
         self._memory_probe = memory_probe
         self._load_timeout = load_timeout
         self._log_level = llama_log_level
@@ -402,7 +410,7 @@ class Engine:
         return handle
 
     async def _start_worker(self, model: _Model) -> _Worker:
-        worker = _Worker(self._python, model.config, self._log_level)
+        worker = _Worker(self._python, model.config, self._log_level, self._worker_env)
         await worker.start(self._load_timeout)
         return worker
 
