@@ -1,4 +1,30 @@
 """The llama.cpp runtime: load models in supervised worker processes, generate, release.
 
 Knows nothing of NATS or SQLite. See ``engine.runtime.Engine`` for the one API.
+
+Modules:
+
+* ``runtime``  - ``Engine``: handles, refcounted models, worker supervision, restarts, diagnostics.
+* ``worker``   - ``python -m engine.worker``: one model + one context per process; continuous batching.
+* ``protocol`` - length-prefixed msgpack frames between the two (tagged msgspec Structs).
+* ``gguf``     - GGUF header reader (model info without weights; precise diagnosis of broken files).
+* ``memory``   - memory prediction (weights + KV + compute) against MemAvailable / cgroup limits.
+* ``chat``     - chat templates from GGUF metadata (jinja2, ChatML fallback) and history fitting.
+* ``text``     - streaming UTF-8 / ``<think>`` / stop-sequence processing.
+* ``types``    - the data contract with the rest of lamabus.
+
+Semantics worth knowing:
+
+* ``ModelConfig.n_ctx`` is per sequence: the context holds ``n_seq_max`` sequences of ``n_ctx``
+  cells each (non-unified KV cache), and the memory prediction counts ``n_ctx x n_seq_max``.
+* A prompt gets ``n_ctx - min(max_tokens, n_ctx // 2)`` tokens; longer histories lose their oldest
+  non-system turns, then the middle of the longest remaining turn. A generation that fills its
+  sequence ends with ``finish_reason="length"``.
+* ``Timing.tokens_per_second`` is the decode rate after the first token; ``time_to_first_token``
+  and ``elapsed_time`` count from the moment the request got a sequence slot; ``queue_time`` is
+  the wait for that slot.
+* Greedy decoding is deterministic for the same prompt evaluated the same way. A prompt whose
+  prefix is reused from a *different* prompt's KV cache may differ in late digits of the logits
+  (llama.cpp's matmuls round differently by batch size), which can flip near-tied tokens on tiny
+  models; llama.cpp's own loop does the same (see tests/test_engine_model.py).
 """
