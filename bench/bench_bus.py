@@ -564,6 +564,8 @@ def machine_info() -> dict[str, Any]:
         "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
         "llama_system_info": (llama_cpp.llama_print_system_info() or b"").decode(errors="replace").strip(),
         "virtualised": _hypervisor(),
+        # OpenMP's barrier spinning matters on a small, shared box; the service's workers inherit it.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
 
 
@@ -592,46 +594,79 @@ def load_average() -> list[float]:
 
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+#: Leaf frames of a thread that waits (py-spy --native cannot always tell a blocked thread from a busy one).
+_WAITING = {"read", "__libc_read", "epoll_wait", "select", "poll", "__poll", "EpollSelector.select",
+            "pthread_cond_wait", "pthread_cond_timedwait", "__futex_abstimed_wait_common", "futex_wait", "syscall",
+            "sem_wait", "do_futex_wait", "nanosleep", "clock_nanosleep", "__GI___clock_nanosleep", "accept", "recv"}
 
 
-def _frame_name(frame: str) -> str:
+def _frame_name(frame: str) -> tuple[str, str]:
+    """(function, display name) of one py-spy frame."""
     m = _FRAME.match(frame)
     if not m:
-        return frame
-    path = m["file"]
+        return frame, frame
+    func, path = m["func"], m["file"]
+    if func.startswith("0x"):  # no symbol: name the library
+        lib = os.path.basename(path)
+        return func, f"[{lib}]" + (" OpenMP runtime (barrier spin/wait)" if lib.startswith("libgomp") else "")
     for marker in (str(ROOT) + os.sep, "site-packages" + os.sep):
         i = path.find(marker)
         if i >= 0:
             path = path[i + len(marker):]
             break
-    return f"{m['func']} ({path})"
+    return func, f"{func} ({path})"
 
 
 def summarize_profile(raw: str, top: int = 12) -> dict[str, Any]:
-    """py-spy ``--format raw`` (collapsed stacks) -> the top functions by self and by inclusive samples."""
+    """py-spy ``--format raw`` (collapsed stacks) -> the top functions by self and by inclusive samples.
+
+    Samples whose innermost frame is a blocking wait (a thread parked in read/epoll/futex) are left out:
+    the percentages are of the time a thread of the process was working.
+    """
     self_c: Counter[str] = Counter()
     incl: Counter[str] = Counter()
-    total = 0
+    kinds: Counter[str] = Counter()
+    total = waiting = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        total += n
         frames = [_frame_name(f) for f in stack.split(";") if f]
         if not frames:
             continue
-        self_c[frames[-1]] += n
-        for f in set(frames):
-            incl[f] += n
+        if frames[-1][0] in _WAITING:
+            waiting += n
+            continue
+        total += n
+        self_c[frames[-1][1]] += n
+        kinds[_kind(frames[-1][1])] += n
+        for _, name in set(frames):
+            incl[name] += n
     if not total:
-        return {"samples": 0, "self": [], "inclusive": []}
+        return {"samples": 0, "waiting_samples": waiting, "self": [], "inclusive": []}
 
     def rows(c: Counter[str], skip_over: float) -> list[list[Any]]:
         return [[name, round(100.0 * n / total, 1)] for name, n in c.most_common() if n / total <= skip_over][:top]
 
     # Inclusive: leave out the frames nearly every sample passes through (main, the event loop's run).
-    return {"samples": total, "self": rows(self_c, 1.01), "inclusive": rows(incl, 0.8)}
+    return {"samples": total, "waiting_samples": waiting, "self": rows(self_c, 1.01), "inclusive": rows(incl, 0.8),
+            "by_kind": rows(kinds, 1.01)}
+
+
+def _kind(name: str) -> str:
+    """What kind of code a leaf frame is: where the CPU time of a sample went."""
+    if "libgomp" in name:
+        return "OpenMP runtime (threads waiting at barriers, spinning)"
+    if "libggml" in name:
+        return "ggml compute kernels"
+    if "libllama" in name:
+        return "llama.cpp (outside ggml)"
+    if ".py)" in name or "<frozen" in name:
+        return "Python code"
+    if "libpython" in name or "python3" in name or name.endswith(".c)"):
+        return "Python interpreter / ctypes"
+    return "other native code"
 
 
 def py_spy() -> str | None:

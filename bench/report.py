@@ -162,7 +162,8 @@ def render(results: dict[str, Any]) -> str:
     w(f"- CPU: {m.get('cpu', '?')} ({'virtual machine' if m.get('virtualised') else 'bare metal'}), "
       f"{m.get('usable_cpus')} usable CPUs, {m.get('physical_cores')} physical cores; SIMD: {', '.join(m.get('simd', []))}")
     w(f"- Memory: {m.get('memory_gb')} GiB; {m.get('os')}; Python {m.get('python')}")
-    w(f"- llama-cpp-python {m.get('llama_cpp_python')}: `{m.get('llama_system_info', '')}`")
+    w(f"- llama-cpp-python {m.get('llama_cpp_python')}: `{m.get('llama_system_info', '')}`; "
+      f"OMP_WAIT_POLICY {m.get('omp_wait_policy') or 'unset (OpenMP default: spin, then sleep)'}")
     w(f"- 1-minute load average: {la0} at the start, {la1} at the end\n")
     mod, eng = results.get("model", {}), results.get("engine", {})
     p = results.get("parameters", {})
@@ -285,7 +286,10 @@ def render(results: dict[str, Any]) -> str:
             summary = prof.get(role)
             if not summary or not summary.get("samples"):
                 continue
-            w(f"**{role.replace('_', ' ')}** ({summary['samples']} samples)\n")
+            w(f"**{role.replace('_', ' ')}** ({summary['samples']} working samples; "
+              f"{summary.get('waiting_samples', 0)} samples of threads parked in read/epoll/futex left out)\n")
+            if summary.get("by_kind"):
+                w("Where its CPU goes: " + "; ".join(f"{name} {pct}%" for name, pct in summary["by_kind"]) + "\n")
             w("| inclusive % | function | | self % | function |")
             w("|---|---|---|---|---|")
             inc, slf = summary["inclusive"], summary["self"]
