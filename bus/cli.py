@@ -50,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--timeout", type=float, default=300.0)
     chat.set_defaults(run=_chat)
 
-    from bus import cli_registry  # the registry/admin commands live beside, to keep this file small
+    # The admin and replay commands live beside, to keep this file small.
+    from bus import cli_registry, replay
 
     cli_registry.register(sub, _common)
-    __import__("bus.replay").replay.register(sub, _common)  # `lamabus replay` lives in bus/replay.py
+    replay.register(sub, _common)
     return parser
 
 

@@ -74,3 +74,19 @@ async def test_chat_reports_a_structured_error_when_no_broker_answers(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in err.decode()
     assert "error" in err.decode().lower()
+
+
+async def test_interactive_chat_posts_each_line_and_streams_replies(service, tmp_path):
+    chat = await asyncio.create_subprocess_exec(
+        LAMABUS, "chat", "talk", "--max-tokens", "12", "--temperature", "0", "--nats-url", service.url,
+        env=_env(tmp_path), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(180):
+        out, err = await chat.communicate(b"Hello!\nWhat is two plus two?\n")
+    assert chat.returncode == 0, err.decode()
+    assert err.decode().count("tok/s") == 2, err.decode()  # one completion line per message
+    history = await service.registry.history("talk")
+    assert [t.is_ai for t in history] == [False, True, False, True]
+    assert [t.text for t in history if not t.is_ai] == ["Hello!", "What is two plus two?"]
+    for reply in (t.text for t in history if t.is_ai):
+        assert reply in out.decode()
