@@ -78,6 +78,7 @@ from wire.messages import (  # noqa: E402
     ChatMessage,
     GenerationCompleted,
     GenerationFailed,
+    GenerationStarted,
     GenerationToken,
     MessageRejected,
     decode_topic_event,
@@ -333,11 +334,12 @@ class ServiceProcess:
 
 
 class _Stream:
-    __slots__ = ("t0", "t0_wall", "t_first", "t_last", "messages", "completed", "error", "done")
+    __slots__ = ("t0", "t0_wall", "t_started", "t_first", "t_last", "messages", "completed", "error", "done")
 
     def __init__(self) -> None:
         self.t0 = 0.0
         self.t0_wall = 0.0
+        self.t_started: float | None = None
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.messages = 0
@@ -363,6 +365,7 @@ class Run:
     engine_tps: float | None = None
     engine_ttft_ms: float | None = None
     pre_engine_ms: float | None = None
+    started_ms: float | None = None
     token_messages: int | None = None
 
     def tps(self, n: int) -> float | None:
@@ -402,6 +405,10 @@ class BusSide:
                     st.t_first = t
                 st.t_last = t
                 st.messages += 1
+        elif isinstance(ev, GenerationStarted):
+            st = self.pending.get(ev.request_id)
+            if st is not None and st.t_started is None:
+                st.t_started = t
         elif isinstance(ev, GenerationCompleted):
             st = self.pending.get(ev.request_id)
             if st is not None:
@@ -437,6 +444,7 @@ class BusSide:
             prompt_tokens=c.usage.prompt_tokens, cached_tokens=c.usage.cached_tokens,
             engine_tps=c.timing.tokens_per_second, engine_ttft_ms=c.timing.time_to_first_token,
             pre_engine_ms=c.timing.start_time - st.t0_wall * 1000.0, token_messages=st.messages,
+            started_ms=(st.t_started - st.t0) * 1000.0 if st.t_started is not None else None,
         )
 
     async def diagnostics(self) -> dict[str, Any]:
@@ -449,8 +457,12 @@ class DirectSide:
     def __init__(self, model: str, n_threads: int, n_ctx: int, n_batch: int) -> None:
         import llama_cpp
 
+        self.n_threads = n_threads
         self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                    n_threads_batch=n_threads, n_gpu_layers=0, seed=SEED, verbose=False)
+
+    def close(self) -> None:
+        self.llm.close()
 
     def run(self, messages: list[dict[str, str]], n: int, *, reset: bool = True) -> Run:
         """``reset``: forget the KV cache first, so the whole prompt is evaluated (no prefix reuse)."""
@@ -657,7 +669,7 @@ def summarize_profile(raw: str, top: int = 12) -> dict[str, Any]:
 def _kind(name: str) -> str:
     """What kind of code a leaf frame is: where the CPU time of a sample went."""
     if "libgomp" in name:
-        return "OpenMP runtime (threads waiting at barriers, spinning)"
+        return "OpenMP runtime (threads waiting at barriers: spinning, or asleep in its own futex call)"
     if "libggml" in name:
         return "ggml compute kernels"
     if "libllama" in name:
@@ -815,7 +827,9 @@ class BusBench:
             "runs_reaching_max_tokens": {s: sum(1 for r in runs[s] if r.tps(n) is not None) for s in runs},
             "bus_engine_reported_tps": median([r.engine_tps for r in bus if r.engine_tps and r.tps(n)]),
             "bus_ttft_breakdown_ms": {
-                # publish -> the engine admits the request (intake, registry, started event, pipe, tokenize)
+                # publish -> generation.started received (JetStream intake, registry checks, started event)
+                "publish_to_started_event": median([r.started_ms for r in bus if r.started_ms is not None]),
+                # publish -> the engine admits the request (the above, history, worker pipe, render, tokenize)
                 "publish_to_engine_start": median([r.pre_engine_ms for r in bus if r.pre_engine_ms is not None]),
                 # the engine's own TTFT: prompt evaluation and first sample
                 "engine_prompt_and_first_token": median([r.engine_ttft_ms for r in bus if r.engine_ttft_ms is not None]),
@@ -848,30 +862,46 @@ class BusBench:
         turns, n = cfg.turns, cfg.turn_tokens
         bus_ttft: dict[int, list[float]] = defaultdict(list)
         fresh_ttft: dict[int, list[float]] = defaultdict(list)
+        reuse_ttft: dict[int, list[float]] = defaultdict(list)
         cached: dict[int, list[int]] = defaultdict(list)
         prompt: dict[int, list[int]] = defaultdict(list)
+        pre: dict[int, list[float]] = defaultdict(list)
+        engine: dict[int, list[float]] = defaultdict(list)
+        # llama-cpp-python keeping its own KV cache across the turns (its longest-prefix reuse): what prefix
+        # reuse gives without the bus. It evaluates the previous reply and the new message each turn.
+        reusing = DirectSide(cfg.model, self.direct.n_threads, cfg.n_ctx, cfg.n_batch)
         for rep in range(cfg.conv_reps):
             topic = f"conv-{rep}"
             history: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_PROMPT}]
             for turn in range(1, turns + 1):
                 user = f"Turn {turn}. Tell me one interesting fact about the number {turn * 7 + rep}."
                 b = await self.bus.ask(topic, user, greedy(n))
+                msgs = [*history, {"role": "user", "content": user}]
+                reuse_ttft[turn].append(reusing.run(msgs, 1, reset=turn == 1).ttft_s * 1000)
                 # The no-reuse baseline: the same conversation, evaluated from an empty cache.
-                d = self.direct.run([*history, {"role": "user", "content": user}], 1, reset=True)
+                d = self.direct.run(msgs, 1, reset=True)
                 bus_ttft[turn].append(b.ttft_s * 1000)
                 fresh_ttft[turn].append(d.ttft_s * 1000)
                 cached[turn].append(b.cached_tokens or 0)
                 prompt[turn].append(b.prompt_tokens or 0)
+                if b.pre_engine_ms is not None and b.engine_ttft_ms is not None:
+                    pre[turn].append(b.pre_engine_ms)
+                    engine[turn].append(b.engine_ttft_ms)
                 history += [{"role": "user", "content": user}, {"role": "assistant", "content": b.text}]
             self.log(f"  conversation {rep}: turn 1 {bus_ttft[1][-1]:.1f} ms, turn {turns} {bus_ttft[turns][-1]:.1f} ms"
-                     f" (no reuse: {fresh_ttft[1][-1]:.1f} -> {fresh_ttft[turns][-1]:.1f} ms)")
+                     f" (direct with its cache: {reuse_ttft[1][-1]:.1f} -> {reuse_ttft[turns][-1]:.1f} ms;"
+                     f" no reuse: {fresh_ttft[1][-1]:.1f} -> {fresh_ttft[turns][-1]:.1f} ms)")
+        reusing.close()
         per_turn = [{"turn": t, "bus_ttft_ms": median(bus_ttft[t]), "no_reuse_ttft_ms": median(fresh_ttft[t]),
-                     "prompt_tokens": median(prompt[t]), "cached_tokens": median(cached[t])}
+                     "direct_reuse_ttft_ms": median(reuse_ttft[t]),
+                     "prompt_tokens": median(prompt[t]), "cached_tokens": median(cached[t]),
+                     "bus_publish_to_engine_ms": median(pre[t]), "bus_engine_ttft_ms": median(engine[t])}
                     for t in range(1, turns + 1)]
         self.results["conversation"] = {"turns": turns, "tokens_per_turn": n, "reps": cfg.conv_reps,
                                         "per_turn": per_turn}
         self.results["turn20_over_turn1_ttft"] = ratio(median(bus_ttft[turns]), median(bus_ttft[1]))
         self.results["turn20_over_turn1_ttft_no_reuse"] = ratio(median(fresh_ttft[turns]), median(fresh_ttft[1]))
+        self.results["turn20_over_turn1_ttft_direct_reuse"] = ratio(median(reuse_ttft[turns]), median(reuse_ttft[1]))
 
     # -- 4 + issue 6: concurrent topics ----------------------------------------------------------
 

@@ -139,6 +139,8 @@ def render(results: dict[str, Any]) -> str:
         w(f"| {t.label} | {_target(t)} | {_measured(t, v)} | {met} |")
     no_reuse = results.get("turn20_over_turn1_ttft_no_reuse")
     w(f"| TTFT turn 20 ÷ turn 1 without prefix reuse (baseline) | — | {_n(no_reuse, '.3f')}× | — |")
+    w(f"| TTFT turn 20 ÷ turn 1, llama-cpp-python with its own prefix cache | — | "
+      f"{_n(results.get('turn20_over_turn1_ttft_direct_reuse'), '.3f')}× | — |")
     for c in results.get("concurrency", []):
         w(f"| {c['topics']} concurrent topic(s): aggregate tok/s, TTFT p50 / p95 | — | "
           f"{_n(c['aggregate_tps'])} tok/s, {_n(c['ttft_p50_ms'], '.0f')} / {_n(c['ttft_p95_ms'], '.0f')} ms | — |")
@@ -198,7 +200,8 @@ def render(results: dict[str, Any]) -> str:
           f"{_n(s.get('bus_engine_reported_tps'))} tok/s: what is lost between the worker and the client is the "
           f"gap between this and the bus row")
         b = s.get("bus_ttft_breakdown_ms", {})
-        w(f"- Bus TTFT, where it goes (medians, ms): publish → engine admits the request "
+        w(f"- Bus TTFT, where it goes (medians, ms): publish → `generation.started` received "
+          f"{_n(b.get('publish_to_started_event'))}; publish → engine admits the request "
           f"{_n(b.get('publish_to_engine_start'))}; prompt evaluation + first token in the engine "
           f"{_n(b.get('engine_prompt_and_first_token'))}; first token worker → service → NATS → client "
           f"{_n(b.get('first_token_delivery'))}")
@@ -218,18 +221,24 @@ def render(results: dict[str, Any]) -> str:
     if conv:
         w(f"## 2. A {conv['turns']}-turn conversation in one topic\n")
         w("Each turn is posted to the same topic; lamabus keeps the topic's KV cache and evaluates only the new "
-          "part. The no-reuse baseline is direct llama-cpp-python given exactly the same conversation (the bus's own "
-          "replies as history) with its cache reset before every turn, so it evaluates the whole prompt.\n")
-        w("| Turn | prompt tokens | reused by lamabus | bus TTFT ms | no-reuse TTFT ms |")
-        w("|---|---|---|---|---|")
+          "part. Both baselines are direct llama-cpp-python given exactly the same conversation (the bus's own "
+          "replies as history), timed to the first token: *no reuse* resets its cache before every turn, so it "
+          "evaluates the whole prompt; *its own cache* keeps llama-cpp-python's longest-prefix reuse across the "
+          "turns (it evaluates the previous reply and the new message).\n")
+        w("| Turn | prompt tokens | reused by lamabus | bus TTFT ms | of which publish → engine | of which in the "
+          "engine | direct, its own cache, ms | direct, no reuse, ms |")
+        w("|---|---|---|---|---|---|---|---|")
         rows = conv["per_turn"]
         keep = {1, 2, 5, 10, 15, len(rows)}
         for r in rows:
             if r["turn"] in keep:
                 w(f"| {r['turn']} | {_n(r['prompt_tokens'], '.0f')} | {_n(r['cached_tokens'], '.0f')} | "
-                  f"{_n(r['bus_ttft_ms'])} | {_n(r['no_reuse_ttft_ms'])} |")
+                  f"{_n(r['bus_ttft_ms'])} | {_n(r.get('bus_publish_to_engine_ms'))} | "
+                  f"{_n(r.get('bus_engine_ttft_ms'))} | {_n(r.get('direct_reuse_ttft_ms'))} | "
+                  f"{_n(r['no_reuse_ttft_ms'])} |")
         w("")
         w(f"Turn {conv['turns']} ÷ turn 1: **{_n(results.get('turn20_over_turn1_ttft'), '.3f')}** through lamabus, "
+          f"{_n(results.get('turn20_over_turn1_ttft_direct_reuse'), '.3f')} for llama-cpp-python with its own cache, "
           f"{_n(results.get('turn20_over_turn1_ttft_no_reuse'), '.3f')} without reuse.\n")
 
     # ---- concurrency
