@@ -7,10 +7,12 @@ tests, which each own a real server on a free port.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import re
 import shutil
 import signal
+import sys
 import sysconfig
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +21,14 @@ from wire.errors import ErrorCode, LamaError
 
 _LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
 _READY = b"Server is ready"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux; elsewhere nothing)."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG; kept across exec for a non-setuid binary
 
 
 def nats_server_binary() -> str:
@@ -48,9 +58,12 @@ class EmbeddedNatsServer:
     async def start(self) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
+        # Its own session: a Ctrl-C in the terminal reaches lamabus, which then stops the broker
+        # after draining, instead of both dying at once. The death signal: should lamabus itself
+        # be killed, the broker goes too, rather than hold the port and the JetStream store.
         self._proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent,
         )
         assert self._proc.stderr is not None
         port: int | None = None

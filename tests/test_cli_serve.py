@@ -90,3 +90,31 @@ async def test_interactive_chat_posts_each_line_and_streams_replies(service, tmp
     assert [t.text for t in history if not t.is_ai] == ["Hello!", "What is two plus two?"]
     for reply in (t.text for t in history if t.is_ai):
         assert reply in out.decode()
+
+
+async def test_embedded_broker_does_not_outlive_a_killed_serve(tmp_path):
+    data = tmp_path / "data"
+    serve = await asyncio.create_subprocess_exec(
+        LAMABUS, "serve", "--data-dir", str(data), env=_env(tmp_path),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        await _wait_ready(serve)
+        host, port = (data / "nats.url").read_text().strip().removeprefix("nats://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))  # the broker is up
+        writer.close()
+        await writer.wait_closed()
+        serve.kill()
+        await serve.wait()
+        async with asyncio.timeout(30):
+            while True:  # the broker's end: the port stops accepting (no event to wait on from here)
+                try:
+                    _, writer = await asyncio.open_connection(host, int(port))
+                except OSError:
+                    break
+                writer.close()
+                await writer.wait_closed()
+                await asyncio.sleep(0.1)
+    finally:
+        if serve.returncode is None:
+            serve.kill()
+            await serve.wait()
