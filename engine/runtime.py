@@ -302,6 +302,7 @@ class _Model:
         self.info = info
         self.prediction = prediction
         self.available_at_load: MemoryAvailable | None = None
+        self.requested_seq_max = config.n_seq_max
         self.handles: set[str] = set()
         self.worker: _Worker | None = None
         self.restarts = 0
@@ -388,8 +389,14 @@ class Engine:
             self._check_open()
             model = self._models.get(key)
             if model is None:
+                requested = config
                 prediction = predict_memory(info, config)
                 available = self._memory_probe()
+                # Fewer parallel sequences before giving up: a model that serves one conversation
+                # at a time beats one that does not load (most of the KV cache is per sequence).
+                while not fits(prediction, available) and config.n_seq_max > 1:
+                    config = msgspec.structs.replace(config, n_seq_max=config.n_seq_max // 2)
+                    prediction = predict_memory(info, config)
                 if not fits(prediction, available):
                     raise LamaError(
                         ErrorCode.OUT_OF_MEMORY,
@@ -400,7 +407,11 @@ class Engine:
                         needed=prediction.total_bytes,
                         available=available.bytes,
                     )
+                if config.n_seq_max != requested.n_seq_max:
+                    log.warning("%s: %d parallel sequences would not fit in %.0f MiB; loading with %d",
+                                path, requested.n_seq_max, available.bytes / 2**20, config.n_seq_max)
                 model = _Model(key, config, info, prediction)
+                model.requested_seq_max = requested.n_seq_max
                 model.available_at_load = available
                 model.worker = await self._start_worker(model)
                 self._models[key] = model
@@ -550,6 +561,7 @@ class Engine:
                     "architecture": m.info.architecture,
                     "quantization": m.info.quantization,
                     "config": msgspec.to_builtins(m.config),
+                    "nSeqMaxRequested": m.requested_seq_max,
                     "handles": sorted(m.handles),
                     "worker": {
                         "pid": w.pid if w is not None else None,

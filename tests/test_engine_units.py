@@ -160,6 +160,7 @@ async def test_bad_files_fail_before_loading(tmp_path: Path, model_path: Path):
 
 
 async def test_out_of_memory_is_predicted_before_loading(model_path: Path):
+    # Too little even for one sequence: the weights and compute buffers alone do not fit.
     async with Engine(memory_probe=lambda: MemoryAvailable(200 << 20, "pretend")) as engine:
         err = await _init_error(engine, ModelConfig(str(model_path)))
         assert err.code == ErrorCode.OUT_OF_MEMORY
@@ -212,3 +213,18 @@ def test_amx_build_is_refused():
     with pytest.raises(LamaError, match="GGML_NATIVE=OFF") as exc:
         check_build("CPU : AVX512 = 1 | AMX_INT8 = 1 | OPENMP = 1 |")
     assert exc.value.code == ErrorCode.MODEL_LOAD_FAILED
+
+
+@pytest.mark.model
+async def test_fewer_parallel_sequences_when_all_do_not_fit(model_path: Path):
+    info = read_model_info(model_path)
+    two = predict_memory(info, ModelConfig(str(model_path), n_seq_max=2)).total_bytes
+    four = predict_memory(info, ModelConfig(str(model_path), n_seq_max=4)).total_bytes
+    room = (two + four) // 2 + (64 << 20)  # enough for 2 sequences (with headroom), not for 4
+    async with Engine(memory_probe=lambda: MemoryAvailable(room, "pretend")) as engine:
+        handle = await engine.initialize(ModelConfig(str(model_path), n_seq_max=8))
+        (model,) = engine.diagnostics()["models"]
+        assert model["config"]["nSeqMax"] == 2 and model["nSeqMaxRequested"] == 8
+        result = await engine.generate(handle, GenerateRequest(
+            "r1", SamplingParams.resolve(), messages=(ChatTurn("user", "Hi"),)))
+        assert result.tokens > 0
