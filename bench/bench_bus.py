@@ -502,8 +502,9 @@ class RawSide:
         self.batched = (RawLlama(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=n_seq_max)
                         if n_seq_max > 1 else None)
 
-    def run(self, messages: list[dict[str, str]], n: int) -> Run:
-        raw = self.single
+    def run(self, messages: list[dict[str, str]], n: int, *, engine_context: bool = False) -> Run:
+        """``engine_context``: one sequence in the n_seq_max-sequence context the engine uses."""
+        raw = self.batched if engine_context and self.batched is not None else self.single
         toks = raw.tokenize(raw.chat_prompt(messages))
         r = raw.run(toks, n)  # EOS ignored: always n tokens
         # RawLlama times from its own t0 (just before the first llama_decode); rebuild times on that origin.
@@ -521,6 +522,11 @@ class RawSide:
         self.single.close()
         if self.batched is not None:
             self.batched.close()
+
+
+def conversation_turns_shown(turns: int) -> set[int]:
+    """The turns the report tabulates (and the no-reuse baseline measures)."""
+    return {t for t in (1, 2, 5, 10, 15, turns) if t <= turns}
 
 
 def chat(user: str) -> list[dict[str, str]]:
@@ -784,13 +790,15 @@ class BusBench:
 
     async def _single_stream(self) -> None:
         cfg, n = self.cfg, self.cfg.tokens
-        runs: dict[str, list[Run]] = {"bus": [], "direct": [], "raw": []}
-        order = ["bus", "direct", "raw"]
+        # raw8: the raw loop in a context shaped like the engine's (n_seq_max sequences of n_ctx cells), so
+        # bus ÷ raw8 is the bus's cost alone and raw8 ÷ raw the cost of that context shape.
+        order = ["bus", "direct", "raw", *(["raw8"] if self.raw.batched is not None else [])]
+        runs: dict[str, list[Run]] = {side: [] for side in order}
         mismatched = 0
         for rep in range(cfg.reps):
             nonce = f"{rep}-{uuid.uuid4().hex[:8]}"
             user = essay(nonce)
-            sides = order[rep % 3:] + order[:rep % 3]
+            sides = order[rep % len(order):] + order[:rep % len(order)]
             got: dict[str, Run] = {}
             for side in sides:
                 if side == "bus":
@@ -799,7 +807,7 @@ class BusBench:
                 elif side == "direct":
                     got[side] = self.direct.run(chat(user), n)
                 else:
-                    got[side] = self.raw.run(chat(user), n)
+                    got[side] = self.raw.run(chat(user), n, engine_context=side == "raw8")
             for side, r in got.items():
                 runs[side].append(r)
             if got["bus"].text != got["raw"].text[: len(got["bus"].text)]:
@@ -853,7 +861,13 @@ class BusBench:
         self.results["bus_over_direct_tps"] = ratio(tps("bus"), tps("direct"))
         self.results["bus_over_raw_tps"] = ratio(tps("bus"), tps("raw"))
         self.results["direct_over_raw_tps"] = ratio(tps("direct"), tps("raw"))
+        if "raw8" in runs:
+            self.results["bus_over_raw_engine_context_tps"] = ratio(tps("bus"), tps("raw8"))
+            self.results["raw_engine_context_over_raw_tps"] = ratio(tps("raw8"), tps("raw"))
         self.results["ttft_overhead_ms"] = ttft_overhead
+        # The part of the bus's TTFT that is not the engine's own prompt evaluation (per run, then the median).
+        self.results["bus_ttft_outside_engine_ms"] = median([
+            r.ttft_s * 1000 - r.engine_ttft_ms for r in bus if r.engine_ttft_ms is not None])
 
     # -- 3: a conversation -------------------------------------------------------------------
 
@@ -870,6 +884,7 @@ class BusBench:
         # llama-cpp-python keeping its own KV cache across the turns (its longest-prefix reuse): what prefix
         # reuse gives without the bus. It evaluates the previous reply and the new message each turn.
         reusing = DirectSide(cfg.model, self.direct.n_threads, cfg.n_ctx, cfg.n_batch)
+        report_turns = conversation_turns_shown(turns)
         for rep in range(cfg.conv_reps):
             topic = f"conv-{rep}"
             history: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_PROMPT}]
@@ -878,10 +893,11 @@ class BusBench:
                 b = await self.bus.ask(topic, user, greedy(n))
                 msgs = [*history, {"role": "user", "content": user}]
                 reuse_ttft[turn].append(reusing.run(msgs, 1, reset=turn == 1).ttft_s * 1000)
-                # The no-reuse baseline: the same conversation, evaluated from an empty cache.
-                d = self.direct.run(msgs, 1, reset=True)
+                # The no-reuse baseline: the same conversation, evaluated from an empty cache (at the turns the
+                # report shows: late turns cost seconds each).
+                if turn in report_turns:
+                    fresh_ttft[turn].append(self.direct.run(msgs, 1, reset=True).ttft_s * 1000)
                 bus_ttft[turn].append(b.ttft_s * 1000)
-                fresh_ttft[turn].append(d.ttft_s * 1000)
                 cached[turn].append(b.cached_tokens or 0)
                 prompt[turn].append(b.prompt_tokens or 0)
                 if b.pre_engine_ms is not None and b.engine_ttft_ms is not None:
@@ -902,6 +918,7 @@ class BusBench:
         self.results["turn20_over_turn1_ttft"] = ratio(median(bus_ttft[turns]), median(bus_ttft[1]))
         self.results["turn20_over_turn1_ttft_no_reuse"] = ratio(median(fresh_ttft[turns]), median(fresh_ttft[1]))
         self.results["turn20_over_turn1_ttft_direct_reuse"] = ratio(median(reuse_ttft[turns]), median(reuse_ttft[1]))
+        self.results["turn20_ttft_bus_over_direct_reuse"] = ratio(median(bus_ttft[turns]), median(reuse_ttft[turns]))
 
     # -- 4 + issue 6: concurrent topics ----------------------------------------------------------
 
@@ -968,10 +985,15 @@ class BusBench:
                                                               stderr=asyncio.subprocess.PIPE))
         await asyncio.sleep(0.5)
         deadline = time.monotonic() + secs
+        k = max(self.cfg.concurrency) if "batched8_over_raw_batched8" in self.results["profile"]["reason"] else 1
         i = 0
         while time.monotonic() < deadline - 0.5:
             await self.bus.ask(f"profile-{i}", essay(f"p{i}"), greedy(self.cfg.tokens))
             i += 1
+            if k > 1 and time.monotonic() < deadline - 0.5:  # the batched target was missed: profile a batch too
+                await asyncio.gather(*(self.bus.ask(f"profile-{i}-{j}", essay(f"p{i}-{j}"), greedy(self.cfg.tokens))
+                                       for j in range(k)))
+                i += k
         errors = []
         for p in procs:
             _, err = await p.communicate()

@@ -14,9 +14,20 @@ class Target:
     value: float
     unit: str
     why: str
+    #: The target is ``value`` times this other figure (a baseline measured in the same run).
+    relative_to: str | None = None
 
-    def met(self, measured: float) -> bool:
-        return measured >= self.value if self.op == ">=" else measured <= self.value
+    def bound(self, results: dict[str, Any]) -> float | None:
+        if self.relative_to is None:
+            return self.value
+        base = _value(results, self.relative_to)
+        return self.value * base if base is not None else None
+
+    def met(self, measured: float, results: dict[str, Any] | None = None) -> bool:
+        bound = self.bound(results or {})
+        if bound is None:
+            return True
+        return measured >= bound if self.op == ">=" else measured <= bound
 
 
 #: The one list of targets. Only the TTFT overhead target comes from issue 5's text; the
@@ -28,8 +39,11 @@ TARGETS: tuple[Target, ...] = (
     Target("bus_over_raw_tps", "Streamed tok/s: bus ÷ raw llama.cpp decode loop", ">=", 0.90, "×",
            "the engine's own target is 0.95 of raw (bench/bench_engine.py); the bus may add at most 5 points more"),
     Target("ttft_overhead_ms", "TTFT through the bus − direct TTFT (median)", "<=", 5.0, "ms", "issue 5"),
-    Target("turn20_over_turn1_ttft", "TTFT at turn 20 ÷ turn 1, one topic (prefix reuse)", "<=", 1.5, "×",
-           "a follow-up turn evaluates only what is new, so TTFT must stay flat as the conversation grows"),
+    Target("turn20_ttft_bus_over_direct_reuse", "TTFT at turn 20 of one topic: bus ÷ llama-cpp-python keeping its own "
+           "prefix cache", "<=", 1.0, "×",
+           "with prefix reuse a follow-up turn evaluates only what is new; what still grows with the conversation is "
+           "attention over the longer context, which llama-cpp-python with its own cache pays too. (The ratio turn 20 "
+           "÷ turn 1 is shown below without a target: a fast first turn makes it look worse, not better.)"),
     Target("batched8_over_raw_batched8", "8 topics aggregate tok/s ÷ raw batched loop (n_seq_max=8)", ">=", 0.90, "×",
            "issue 6: continuous batching through the bus, against llama.cpp's batched example loop"),
     Target("rss_8_over_1_topic", "RSS with 8 topics ÷ 1 topic (service + engine workers)", "<=", 1.25, "×",
@@ -51,7 +65,7 @@ def _value(results: dict[str, Any], key: str) -> float | None:
 
 
 def missed_targets(results: dict[str, Any]) -> list[str]:
-    return [t.key for t in TARGETS if (v := _value(results, t.key)) is not None and not t.met(v)]
+    return [t.key for t in TARGETS if (v := _value(results, t.key)) is not None and not t.met(v, results)]
 
 
 def observations(results: dict[str, Any]) -> list[str]:
@@ -101,8 +115,12 @@ def _measured(t: Target, v: float | None) -> str:
     return f"{v:.1f} ms" if t.unit == "ms" else f"{v:.3f}×"
 
 
-def _target(t: Target) -> str:
+def _target(t: Target, results: dict[str, Any]) -> str:
     sign = "≥" if t.op == ">=" else "≤"
+    if t.relative_to is not None:
+        bound = t.bound(results)
+        return (f"{sign} {t.value:.2f} × `{t.relative_to}`"
+                + (f" = {bound:.3f}×" if bound is not None else " (not measured)"))
     return f"{sign} {t.value:g} ms" if t.unit == "ms" else f"{sign} {t.value:.2f}×"
 
 
@@ -131,13 +149,17 @@ def render(results: dict[str, Any]) -> str:
         v = _value(results, t.key)
         if v is None:
             met = "not measured"
-        elif t.met(v):
+        elif t.met(v, results):
             met = "yes"
         else:
             met = "**NO**"
             missed.append(t)
-        w(f"| {t.label} | {_target(t)} | {_measured(t, v)} | {met} |")
+        w(f"| {t.label} | {_target(t, results)} | {_measured(t, v)} | {met} |")
+    w(f"| Bus TTFT outside the engine's prompt evaluation (publish → engine admits, plus first-token delivery) | — | "
+      f"{_n(results.get('bus_ttft_outside_engine_ms'))} ms | — |")
     no_reuse = results.get("turn20_over_turn1_ttft_no_reuse")
+    w(f"| TTFT turn 20 ÷ turn 1, one topic through lamabus (prefix reuse) | — | "
+      f"{_n(results.get('turn20_over_turn1_ttft'), '.3f')}× | — |")
     w(f"| TTFT turn 20 ÷ turn 1 without prefix reuse (baseline) | — | {_n(no_reuse, '.3f')}× | — |")
     w(f"| TTFT turn 20 ÷ turn 1, llama-cpp-python with its own prefix cache | — | "
       f"{_n(results.get('turn20_over_turn1_ttft_direct_reuse'), '.3f')}× | — |")
@@ -152,7 +174,8 @@ def render(results: dict[str, Any]) -> str:
     if missed:
         w("**Missed targets, plainly:**\n")
         for t in missed:
-            w(f"- {t.label}: measured {_measured(t, _value(results, t.key))}, target {_target(t)}. Why the target: {t.why}.")
+            w(f"- {t.label}: measured {_measured(t, _value(results, t.key))}, target {_target(t, results)}. "
+              f"Why the target: {t.why}.")
         w("\nSee *Where the time goes* below.\n")
     else:
         w("Every target with a measurement was met.\n")
@@ -188,13 +211,20 @@ def render(results: dict[str, Any]) -> str:
         w("|---|---|---|---|")
         names = {"bus": "lamabus (client ← NATS ← service ← engine worker)",
                  "direct": "llama-cpp-python create_chat_completion(stream=True)",
-                 "raw": "raw llama.cpp loop (bench/baseline.py, C sampler chain)"}
+                 "raw": "raw llama.cpp loop (bench/baseline.py, C sampler chain)",
+                 "raw8": "the same raw loop in a context shaped like the engine's (n_seq_max sequences)"}
         for side, label in names.items():
+            if side not in s["tps"]:
+                continue
             w(f"| {label} | {_n(s['tps'].get(side))} | {_n(s['ttft_ms'].get(side))} | "
               f"{s['runs_reaching_max_tokens'].get(side)}/{s['reps']} |")
         w("")
         w(f"- bus ÷ direct = **{_n(results.get('bus_over_direct_tps'), '.3f')}**, bus ÷ raw = "
           f"**{_n(results.get('bus_over_raw_tps'), '.3f')}**, direct ÷ raw = {_n(results.get('direct_over_raw_tps'), '.3f')}")
+        if results.get("bus_over_raw_engine_context_tps") is not None:
+            w(f"- bus ÷ raw loop in the engine's context shape = {_n(results.get('bus_over_raw_engine_context_tps'), '.3f')} "
+              f"(the bus's own cost); that context shape ÷ the single-sequence raw loop = "
+              f"{_n(results.get('raw_engine_context_over_raw_tps'), '.3f')} (the cost of holding n_seq_max sequences)")
         w(f"- TTFT overhead (median of per-repetition bus − direct): **{_n(results.get('ttft_overhead_ms'))} ms**")
         w(f"- The engine's own decode rate for the same bus runs (timing.tokensPerSecond): "
           f"{_n(s.get('bus_engine_reported_tps'))} tok/s: what is lost between the worker and the client is the "
@@ -228,10 +258,8 @@ def render(results: dict[str, Any]) -> str:
         w("| Turn | prompt tokens | reused by lamabus | bus TTFT ms | of which publish → engine | of which in the "
           "engine | direct, its own cache, ms | direct, no reuse, ms |")
         w("|---|---|---|---|---|---|---|---|")
-        rows = conv["per_turn"]
-        keep = {1, 2, 5, 10, 15, len(rows)}
-        for r in rows:
-            if r["turn"] in keep:
+        for r in conv["per_turn"]:
+            if r.get("no_reuse_ttft_ms") is not None:  # measured at the turns shown
                 w(f"| {r['turn']} | {_n(r['prompt_tokens'], '.0f')} | {_n(r['cached_tokens'], '.0f')} | "
                   f"{_n(r['bus_ttft_ms'])} | {_n(r.get('bus_publish_to_engine_ms'))} | "
                   f"{_n(r.get('bus_engine_ttft_ms'))} | {_n(r.get('direct_reuse_ttft_ms'))} | "
@@ -288,7 +316,8 @@ def render(results: dict[str, Any]) -> str:
     w("## Where the time goes\n")
     if prof.get("taken"):
         w(f"Profiled because: {prof.get('reason')}. {prof.get('tool')}, {prof.get('seconds')} s, "
-          f"{prof.get('requests')} single-stream requests through the bus."
+          f"{prof.get('requests')} requests through the bus (single streams, and batches of concurrent topics when "
+          f"the batched target was missed)."
           + (" Percent of each process's non-idle samples." if prof.get("service") or prof.get("engine_worker") else "")
           + "\n")
         for role in ("service", "engine_worker"):

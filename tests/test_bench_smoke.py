@@ -18,6 +18,7 @@ POSITIVE = (
     "bus_over_direct_tps",
     "bus_over_raw_tps",
     "turn20_over_turn1_ttft",
+    "turn20_ttft_bus_over_direct_reuse",
     "turn20_over_turn1_ttft_no_reuse",
     "registry_append_eps",
     "registry_rebuild_100k_s",
