@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lamabus bench{' (quick)' if args.quick else ''}: {Path(cfg.model).name}, {cfg.tokens} tokens, "
           f"{cfg.reps} reps, concurrency {concurrency}", flush=True)
     results: dict = {
-        "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m bench", shlex.join(argv if argv is not None else sys.argv[1:])]).strip(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": bool(args.quick),
         "parameters": {"reps": cfg.reps, "tokens": cfg.tokens, "turns": cfg.turns, "turn_tokens": cfg.turn_tokens,
@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {json_path} and {md_path} in {results['total_seconds']:.0f} s")
     for t in report.TARGETS:
         v = results.get(t.key)
-        state = "n/a" if v is None else ("met" if t.met(v) else "MISSED")
-        print(f"  {t.key:28s} {'n/a' if v is None else f'{v:.3f}':>10s}  target {t.op} {t.value:g}  {state}")
+        bound = t.bound(results)
+        state = "n/a" if v is None else ("met" if t.met(v, results) else "MISSED")
+        print(f"  {t.key:28s} {'n/a' if v is None else f'{v:.3f}':>10s}  target {t.op} "
+              f"{'n/a' if bound is None else f'{bound:.3f}'}  {state}")
     return 0
 
 

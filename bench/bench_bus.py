@@ -334,7 +334,7 @@ class ServiceProcess:
 
 
 class _Stream:
-    __slots__ = ("t0", "t0_wall", "t_started", "t_first", "t_last", "messages", "completed", "error", "done")
+    __slots__ = ("completed", "done", "error", "messages", "t0", "t0_wall", "t_first", "t_last", "t_started")
 
     def __init__(self) -> None:
         self.t0 = 0.0
@@ -392,7 +392,7 @@ class BusSide:
     async def _on_msg(self, msg: Any) -> None:
         t = time.perf_counter()
         subject = msg.subject
-        if not (subject.endswith(".tok") or subject.endswith(".evt")):
+        if not subject.endswith((".tok", ".evt")):
             return
         try:
             ev = decode_topic_event(msg.data)
@@ -743,7 +743,7 @@ class BusBench:
                     self.direct = DirectSide(cfg.model, threads, cfg.n_ctx, cfg.n_batch)
                     batch_level = max(cfg.concurrency) if cfg.concurrency else 1
                     raw = self.raw = RawSide(cfg.model, threads, cfg.n_ctx, cfg.n_batch,
-                                             batch_level if batch_level > 1 else 1)
+                                             max(1, batch_level))
                     # Warm every side once (page the weights in, build the caches).
                     self.direct.run(chat(essay("warm")), 8)
                     raw.run(chat(essay("warm")), 8)
@@ -781,7 +781,7 @@ class BusBench:
             try:
                 await self.bus.diagnostics()
                 return
-            except Exception:
+            except Exception:  # noqa: BLE001 - not up yet: any failure means "ask again"
                 if time.monotonic() > deadline:
                     raise RuntimeError("lamabus did not answer diagnostics in time:\n" + self.service.log_tail())
                 await asyncio.sleep(0.2)
