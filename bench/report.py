@@ -36,14 +36,18 @@ TARGETS: tuple[Target, ...] = (
     Target("bus_over_direct_tps", "Streamed tok/s: bus ÷ direct create_chat_completion(stream=True)", ">=", 1.0, "×",
            "lamabus decodes with llama.cpp's low-level loop and C sampler chain, which is faster than the high-level "
            "API (DESIGN.md); going through the bus must not give that back"),
-    Target("bus_over_raw_tps", "Streamed tok/s: bus ÷ raw llama.cpp decode loop", ">=", 0.90, "×",
-           "the engine's own target is 0.95 of raw (bench/bench_engine.py); the bus may add at most 5 points more"),
+    Target("bus_over_raw_tps", "Streamed tok/s: bus ÷ raw llama.cpp decode loop", ">=", 0.95, "×",
+           "issues 5 and 7: the raw loop with the C sampler chain is the limit for this build"),
     Target("ttft_overhead_ms", "TTFT through the bus − direct TTFT (median)", "<=", 5.0, "ms", "issue 5"),
+    Target("bus_ttft_outside_engine_ms", "Bus TTFT outside the engine's prompt evaluation (publish → engine admits, "
+           "plus first-token delivery)", "<=", 5.0, "ms",
+           "issue 5's 5 ms, taken on the bus's own time: bus − direct can look better than it is when the engine "
+           "evaluates prompts faster than llama-cpp-python"),
+    Target("turn20_over_turn1_ttft", "TTFT at turn 20 ÷ turn 1, one topic through lamabus (prefix reuse)", "<=", 1.3,
+           "×", "issue 5: a follow-up turn evaluates only what is new"),
     Target("turn20_ttft_bus_over_direct_reuse", "TTFT at turn 20 of one topic: bus ÷ llama-cpp-python keeping its own "
            "prefix cache", "<=", 1.0, "×",
-           "with prefix reuse a follow-up turn evaluates only what is new; what still grows with the conversation is "
-           "attention over the longer context, which llama-cpp-python with its own cache pays too. (The ratio turn 20 "
-           "÷ turn 1 is shown below without a target: a fast first turn makes it look worse, not better.)"),
+           "this suite's: the same conversation against llama-cpp-python with its prefix cache"),
     Target("batched8_over_raw_batched8", "8 topics aggregate tok/s ÷ raw batched loop (n_seq_max=8)", ">=", 0.90, "×",
            "issue 6: continuous batching through the bus, against llama.cpp's batched example loop"),
     Target("rss_8_over_1_topic", "RSS with 8 topics ÷ 1 topic (service + engine workers)", "<=", 1.25, "×",
@@ -163,11 +167,7 @@ def render(results: dict[str, Any]) -> str:
             met = "**NO**"
             missed.append(t)
         w(f"| {t.label} | {_target(t, results)} | {_measured(t, v)} | {met} |")
-    w(f"| Bus TTFT outside the engine's prompt evaluation (publish → engine admits, plus first-token delivery) | — | "
-      f"{_n(results.get('bus_ttft_outside_engine_ms'))} ms | — |")
     no_reuse = results.get("turn20_over_turn1_ttft_no_reuse")
-    w(f"| TTFT turn 20 ÷ turn 1, one topic through lamabus (prefix reuse) | — | "
-      f"{_n(results.get('turn20_over_turn1_ttft'), '.3f')}× | — |")
     w(f"| TTFT turn 20 ÷ turn 1 without prefix reuse (baseline) | — | {_n(no_reuse, '.3f')}× | — |")
     w(f"| TTFT turn 20 ÷ turn 1, llama-cpp-python with its own prefix cache | — | "
       f"{_n(results.get('turn20_over_turn1_ttft_direct_reuse'), '.3f')}× | — |")
@@ -187,8 +187,9 @@ def render(results: dict[str, Any]) -> str:
         w("\nSee *Where the time goes* below.\n")
     else:
         w("Every target with a measurement was met.\n")
-    w("Targets: only the TTFT overhead (≤ 5 ms) is given by issue 5; the others are this suite's, each with its "
-      "reason in `bench/report.py` (`TARGETS`).\n")
+    w("Targets: bus ÷ direct ≥ 1.0, bus ÷ raw ≥ 0.95, TTFT overhead ≤ 5 ms and turn 20 ÷ turn 1 ≤ 1.3 are "
+      "issue 5's; 8 topics ≥ 0.9 × raw batched is issue 6's; the others are this suite's, each with its reason in "
+      "`bench/report.py` (`TARGETS`).\n")
 
     # ---- machine, model, parameters
     w("## Machine\n")
