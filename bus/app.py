@@ -166,11 +166,14 @@ class LamabusService:
                                                                 "Nats-Service-Error-Code": status})
 
     async def _feed_registry_events(self) -> None:
-        """Mirror every registry event onto ``<prefix>.registry.evt.<stream>`` for observers."""
+        """Mirror every registry event onto ``<prefix>.registry.evt.<stream>`` for observers,
+        and keep the registry's view current with writes from other processes."""
         assert self.registry is not None and self.nc is not None
         store = self.registry.store
         after = await store.last_position()
         async for stored in store.follow(after):
+            # Another process's write reaches the registry's view here (ours are in it already).
+            await self.registry.refresh()
             try:
                 await self.nc.publish(self.subjects.registry_evt(stored.stream_id), encode(stored))
             except Exception:

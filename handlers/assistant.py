@@ -147,7 +147,7 @@ class Assistant:
             await self.publisher.event(
                 GenerationStarted(request_id=message.id, topic=topic, author_id=model.person_id,
                                   model_id=model.model_id, queue_position=ahead),
-                dedup_id=f"{message.id}.started.{topic}")
+                dedup_id=f"{message.id}.started.{topic}", wait=False)
         except BaseException:
             self._queued[model.model_id] -= 1  # not queued after all: the transport redelivers it
             raise

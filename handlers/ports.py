@@ -37,8 +37,11 @@ class Publisher(Protocol):
     async def token(self, token: GenerationToken) -> None:
         """Ephemeral, fire-and-forget (core NATS)."""
 
-    async def event(self, event: TopicEvent, *, dedup_id: str) -> None:
-        """Durable topic event (JetStream), de-duplicated by ``dedup_id``."""
+    async def event(self, event: TopicEvent, *, dedup_id: str, wait: bool = True) -> None:
+        """Durable topic event (JetStream), de-duplicated by ``dedup_id``.
+
+        ``wait=False``: sent in order, but without waiting for the broker's acknowledgement
+        (for events on the latency path whose loss costs nothing but a notice)."""
 
     async def message(self, message: ChatMessage) -> None:
         """Durable chat message (JetStream), de-duplicated by its id."""

@@ -632,9 +632,13 @@ class Registry:
             raise LamaError(ErrorCode.NOT_FOUND, f"topic {topic_id!r} not found", topic=topic_id)
         return self.topic_info(room)
 
-    async def model_for_topic(self, topic_id: str, requested: str | None = None) -> LLM:
-        """Who answers in ``topic_id``: the requested model, else the topic's, else the active one."""
-        await self.refresh()
+    async def model_for_topic(self, topic_id: str, requested: str | None = None, *, refresh: bool = True) -> LLM:
+        """Who answers in ``topic_id``: the requested model, else the topic's, else the active one.
+
+        ``refresh=False`` answers from the view as it stands (see :class:`RegistryDirectory`).
+        """
+        if refresh:
+            await self.refresh()
         view = self.view
         if requested is not None:
             return self._live(view, requested)
@@ -654,8 +658,9 @@ class Registry:
         await self.refresh()
         return self.view.has_replied(topic_id, message_id)
 
-    async def history(self, topic_id: str, limit: int | None = None) -> list[Turn]:
-        await self.refresh()
+    async def history(self, topic_id: str, limit: int | None = None, *, refresh: bool = True) -> list[Turn]:
+        if refresh:
+            await self.refresh()
         return self.view.conversation(topic_id, limit)
 
     def is_ai(self, author_id: str) -> bool:
@@ -678,7 +683,14 @@ class Registry:
 
 
 class RegistryDirectory:
-    """The assistant's :class:`handlers.ports.Directory` over a :class:`Registry`."""
+    """The assistant's :class:`handlers.ports.Directory` over a :class:`Registry`.
+
+    It reads the registry's view as it stands, without a trip to SQLite per look-up:
+    everything this process writes is in the view when the write returns, and the
+    service applies other processes' writes as the store's follower sees them
+    (``bus.app``). Decisions that must not act on a stale view (recording a reply)
+    catch up inside the registry's own write path.
+    """
 
     def __init__(self, registry: Registry, *, history_turns: int = 64) -> None:
         self.registry = registry
@@ -686,7 +698,7 @@ class RegistryDirectory:
         self.history_turns = history_turns
 
     async def resolve_model(self, topic: str, requested: str | None) -> ModelRef:
-        m = await self.registry.model_for_topic(topic, requested)
+        m = await self.registry.model_for_topic(topic, requested, refresh=False)
         gen = m.generation_params()
         room = self.registry.view.topics.get(topic)
         return ModelRef(model_id=m.id, person_id=m.person_id,
@@ -698,7 +710,6 @@ class RegistryDirectory:
         return self.registry.is_ai(author_id)
 
     async def recorded_reply(self, topic: str, message_id: str) -> RecordedReply | None:
-        await self.registry.refresh()
         view = self.registry.view
         ev = view.reply_to(topic, message_id)
         if ev is None:
@@ -709,7 +720,7 @@ class RegistryDirectory:
         return RecordedReply(reply=reply_message(topic, ev), completed=completed_event(topic, ev))
 
     async def history(self, topic: str) -> list[ChatTurn]:
-        turns = await self.registry.history(topic)
+        turns = await self.registry.history(topic, refresh=False)
         # A user message that got no reply (cancelled) would leave two user turns in a row.
         kept = [t for t in turns if not t.unanswered]
         return [ChatTurn("assistant" if t.is_ai else "user", t.text) for t in kept[-self.history_turns:]]

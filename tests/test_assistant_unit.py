@@ -132,7 +132,7 @@ class FakePublisher:
     async def token(self, token):
         self.tokens.append(token)
 
-    async def event(self, event, *, dedup_id):
+    async def event(self, event, *, dedup_id, wait=True):
         self.events.append(event)
         self.dedup_ids.append(dedup_id)
 
