@@ -692,7 +692,7 @@ class RegistryDirectory:
     catch up inside the registry's own write path.
     """
 
-    def __init__(self, registry: Registry, *, history_turns: int = 64) -> None:
+    def __init__(self, registry: Registry, *, history_turns: int = 256) -> None:
         self.registry = registry
         # The engine trims what does not fit in n_ctx; this only bounds what we hand it.
         self.history_turns = history_turns
