@@ -317,3 +317,40 @@ async def test_anyio_cancel_scope_stops_generation(engine, handle):
     assert r.tokens > 0
     slots = engine.diagnostics()["models"][0]["worker"]["slots"]
     assert not any(s["busy"] for s in slots)
+
+
+async def _converse(engine: Engine, handle: str, conversation: str, users: list[str], max_tokens: int = 12):
+    """Feed the engine's own replies back as assistant turns, the way the assistant does."""
+    turns: list[tuple[str, str]] = [("system", "You are a helpful assistant.")]
+    results: list[GenerationResult] = []
+    for i, user in enumerate(users):
+        turns.append(("user", user))
+        _, r = await collect(
+            engine, handle, chat(f"{conversation}-{i}", *turns, conversation=conversation, max_tokens=max_tokens, stop=[])
+        )
+        results.append(r)
+        turns.append(("assistant", r.text))
+    return results
+
+
+async def test_conversation_turns_evaluate_only_the_new_turn(engine, handle):
+    """Each follow-up turn reuses everything the slot holds: the previous prompt and the previous reply's tokens
+    as generated (a reply cut by max tokens leaves its last sampled token undecoded: that one is re-evaluated)."""
+    users = [f"Tell me fact number {i + 1} about the ocean." for i in range(5)]
+    results = await _converse(engine, handle, "topic-ocean-facts", users)
+    new_turn_tokens = 40  # the user message (~12 tokens) plus the template's end/start markers and role names
+    for prev, r in zip(results, results[1:]):
+        assert r.usage.cached_tokens >= prev.usage.prompt_tokens + prev.usage.completion_tokens - 2, (prev.usage, r.usage)
+        assert r.usage.cached_tokens < r.usage.prompt_tokens
+        assert r.usage.prompt_tokens - r.usage.cached_tokens <= new_turn_tokens, r.usage
+
+
+async def test_conversation_is_deterministic_across_engines(model_path: Path):
+    users = ["Name a fruit.", "Name another one.", "Which of the two is sweeter?"]
+    texts = []
+    for _ in range(2):
+        async with Engine() as e:
+            h = await e.initialize(ModelConfig(str(model_path), **CONFIG))
+            texts.append([r.text for r in await _converse(e, h, "topic-fruit-det", users)])
+    assert all(t.strip() for t in texts[0]), texts[0]
+    assert texts[0] == texts[1]
