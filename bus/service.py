@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
 from typing import Any, Awaitable, Callable, TypeVar
 
 import anyio
@@ -43,8 +42,6 @@ Req = TypeVar("Req")
 ERROR_COUNTS: collections.Counter[str] = collections.Counter()
 """``<subject>.<code>`` -> errors answered, for every endpoint of every service in this process."""
 
-# msgspec names a missing or unknown field in the message, not in the "at `$...`" path.
-_FIELD_IN_MESSAGE = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]+)`(?: - at `([^`]+)`)?")
 
 
 class Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -56,13 +53,7 @@ def error_reply(exc: LamaError) -> tuple[str, str, bytes]:
     return str(exc.status), exc.message, encode(exc.to_body())
 
 
-def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> LamaError:
-    """``bad_request`` with ``details.field`` the JSON path of the offending field, where there is one."""
-    err = LamaError.from_validation(exc)
-    m = _FIELD_IN_MESSAGE.match(err.message)
-    if m:
-        err.details["field"] = f"{m.group(2) or '$'}.{m.group(1)}"
-    return err
+validation_error = LamaError.from_validation
 
 
 def boundary(request_type: type[Req], handler: Callable[[Req], Awaitable[Any]], *, name: str,

@@ -111,3 +111,11 @@ async def test_micro_service_answers_ping_and_diagnostics(service, client):
     assert msgspec.json.decode(ping.data)["name"] == "lamabus"
     diag = await client.request("diagnostics")
     assert diag["registry"]["activeModelId"]
+
+
+async def test_rejection_names_the_missing_field(service, client):
+    sub = await client.nc.subscribe(service.subjects.evt("fields"))
+    await client.js.publish(service.subjects.msg("fields"),
+                            b'{"type":"chat.message","id":"f1","topic":"fields","text":"x","sentAt":"2026-01-01T00:00:00Z"}')
+    rejected = decode_topic_event((await sub.next_msg(timeout=10)).data)
+    assert isinstance(rejected, MessageRejected) and rejected.error.details == {"field": "$.authorId"}

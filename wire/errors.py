@@ -8,9 +8,13 @@ NATS micro error header ``Nats-Service-Error-Code`` carries.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any
 
 import msgspec
+
+
+_FIELD_IN_MESSAGE = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]+)`(?: - at `([^`]+)`)?")
 
 
 class ErrorCode(enum.StrEnum):
@@ -84,10 +88,13 @@ class LamaError(Exception):
 
     @classmethod
     def from_validation(cls, exc: msgspec.ValidationError | msgspec.DecodeError) -> "LamaError":
-        # msgspec already names the field path ("at `$.params.maxTokens`"); keep it whole.
+        """``bad_request`` whose ``details.field`` is the JSON path of the offending field, where there is one."""
         message = str(exc)
         path = None
-        if "at `" in message:
+        # msgspec names a missing or unknown field in the message, and its parent in "at `$...`".
+        if m := _FIELD_IN_MESSAGE.match(message):
+            path = f"{m.group(2) or '$'}.{m.group(1)}"
+        elif "at `" in message:
             path = message.rsplit("at `", 1)[1].rstrip("`")
         return cls(ErrorCode.BAD_REQUEST, message, **({"field": path} if path else {}))
 
