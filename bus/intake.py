@@ -170,7 +170,7 @@ class TopicIntake:
         log.info("rejected message on %s: %s", msg.subject, exc.message)
         try:
             # The evt subject of a bad topic token is still a valid subject: the sender listens there.
-            subject = f"{self.subjects.prefix}.topic.{raw_topic}.evt"
+            subject = self.subjects.raw_topic_subject(raw_topic, "evt")
             await self.js.publish(subject, encode(rejected), headers={MSG_ID: f"rejected.{msg.metadata.sequence.stream}"})
         finally:
             await msg.term()

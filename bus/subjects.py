@@ -18,7 +18,11 @@ class Subjects:
         if not valid_topic_id(topic):
             raise LamaError(ErrorCode.BAD_REQUEST, f"invalid topic id {topic!r}: must match [A-Za-z0-9_-]{{1,128}}",
                             field="topic")
-        return f"{self.prefix}.topic.{topic}.{kind}"
+        return self.raw_topic_subject(topic, kind)
+
+    def raw_topic_subject(self, token: str, kind: str) -> str:
+        """A topic subject for a token as it came on the wire, not checked (to answer a bad one)."""
+        return f"{self.prefix}.topic.{token}.{kind}"
 
     def msg(self, topic: str) -> str:
         return self._topic(topic, "msg")

@@ -47,6 +47,11 @@ def reply_id_for(topic: str, message_id: str) -> str:
     return str(uuid.uuid5(_REPLY_NAMESPACE, f"{topic}/{message_id}"))
 
 
+def completed_dedup_id(reply_id: str) -> str:
+    """The broker de-duplication id of a reply's generation.completed; a re-published copy must carry the same."""
+    return f"{reply_id}.completed"
+
+
 class Delivery(Protocol):
     """The transport's handle on one consumed message."""
 
@@ -168,7 +173,7 @@ class Assistant:
             # again is safe because the broker drops a second copy with the same id.
             await self.publisher.message(recorded.reply)
             if recorded.completed is not None:
-                await self.publisher.event(recorded.completed, dedup_id=f"{recorded.reply.id}.completed")
+                await self.publisher.event(recorded.completed, dedup_id=completed_dedup_id(recorded.reply.id))
         await delivery.ack()
 
     # -- lanes ----------------------------------------------------------------
@@ -226,7 +231,7 @@ class Assistant:
             timing=result.timing, usage=result.usage)
         await self.directory.record_reply(message, reply, completed)
         await self.publisher.message(reply)
-        await self.publisher.event(completed, dedup_id=f"{reply.id}.completed")
+        await self.publisher.event(completed, dedup_id=completed_dedup_id(reply.id))
         await job.delivery.ack()
         self.counters["answered"] += 1
 

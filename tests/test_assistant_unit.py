@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from engine.types import ChatTurn, GenerateRequest, GenerationResult, ModelConfig, TokenChunk
-from handlers.assistant import Assistant, AssistantSettings, reply_id_for
+from handlers.assistant import Assistant, AssistantSettings, completed_dedup_id, reply_id_for
 from handlers.ports import ModelRef, RecordedReply
 from wire.errors import ErrorCode, LamaError
 from wire.messages import (
@@ -196,6 +196,7 @@ async def test_redelivery_republishes_the_recorded_reply_with_the_same_id(parts)
         await assistant.submit(msg("a", "x y"), again)
     assert len(runtime.requests) == 1
     assert [m.id for m in pub.messages] == [reply_id_for("t1", "a")] * 2
+    assert pub.dedup_ids.count(completed_dedup_id(reply_id_for("t1", "a"))) == 2
 
 
 async def test_one_topic_in_order_and_history_carries_earlier_turns(parts):
