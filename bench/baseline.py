@@ -36,6 +36,7 @@ class RawLlama:
         n_threads: int = 2,
         n_seq_max: int = 1,
         n_gpu_layers: int = 0,
+        flash_attn: int | None = None,
     ) -> None:
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
@@ -52,6 +53,8 @@ class RawLlama:
         cp.n_threads_batch = n_threads
         cp.kv_unified = False
         cp.no_perf = True
+        if flash_attn is not None:  # None: llama.cpp's default (auto)
+            cp.flash_attn_type = flash_attn
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError("cannot create context")
@@ -176,6 +179,7 @@ class RawLlama:
                     next_tok[s] = tok
                     texts[s].append(self.piece(tok))
                     total += 1
+        t_prefilled = time.perf_counter()
         pos = [len(p) for p in prompts]
         for _ in range(n_predict - 1):
             self._fill([(next_tok[s], pos[s], s, True) for s in range(len(prompts))])
@@ -194,5 +198,7 @@ class RawLlama:
             "tokens": total,
             "wall_s": wall,
             "tokens_per_s": total / wall,
+            "prefill_s": t_prefilled - t0,
+            "decode_tokens_per_s": (total - len(prompts)) / (t0 + wall - t_prefilled),
             "texts": [b"".join(t).decode("utf-8", errors="replace") for t in texts],
         }

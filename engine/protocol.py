@@ -122,6 +122,7 @@ class Stats(_Msg, tag="stats"):
     active: int
     queued: int
     slots: list[dict[str, Any]]
+    kv_moves: int = 0  # sequences moved to another id to keep the running ones consecutive (Worker.compact)
 
 
 Event = Union[Loaded, LoadFailed, Chunk, Started, Done, Failed, Stats]

@@ -571,6 +571,7 @@ class Engine:
                         "rssBytes": _rss(w.pid) if w is not None and not w.dead else None,
                         "generations": len(w.gens) if w is not None else 0,
                         "slots": w.stats.slots if w is not None and w.stats is not None else None,
+                        "kvMoves": w.stats.kv_moves if w is not None and w.stats is not None else 0,
                     },
                     "gpu": {
                         "nGpuLayersRequested": m.config.n_gpu_layers,

@@ -53,3 +53,37 @@ async def test_every_running_stream_advances_every_step(model_path: Path):
     # One token per running sequence per step; two in a row only where a chunk was held back
     # (an incomplete UTF-8 character) and released with the next one.
     assert longest_run <= 2, window
+
+
+def chat_request(rid: str, question: str, max_tokens: int) -> GenerateRequest:
+    sampling = SamplingParams.resolve(GenerationParams(temperature=0.0, max_tokens=max_tokens, stop=[]))
+    return GenerateRequest(rid, sampling, messages=(ChatTurn("user", question),), ignore_eos=True,
+                           conversation=rid)
+
+
+async def test_a_gap_in_the_running_sequences_is_closed_and_the_moved_one_keeps_its_context(model_path: Path):
+    # llama.cpp decodes non-consecutive sequence ids in separate passes over the weights, so when the
+    # middle one of three running sequences ends, the worker moves a neighbour's KV into its place.
+    # The moved conversation must go on answering its own question from the copied cache.
+    async with Engine() as engine:
+        handle = await engine.initialize(ModelConfig(str(model_path), n_ctx=512, n_seq_max=4))
+
+        async def run(req: GenerateRequest) -> GenerationResult:
+            result = None
+            async for item in engine.generate_stream(handle, req):
+                if isinstance(item, GenerationResult):
+                    result = item
+            assert result is not None
+            return result
+
+        france, short, sky = await asyncio.gather(
+            run(chat_request("france", "Which city is the capital of France?", 40)),
+            run(chat_request("short", "Name a fruit.", 2)),
+            run(chat_request("sky", "What colour is the sky on a clear day?", 40)),
+        )
+        worker = engine.diagnostics()["models"][0]["worker"]
+
+    assert short.tokens == 2 and france.tokens == sky.tokens == 40
+    assert worker["kvMoves"] >= 1, worker
+    assert "Paris" in france.text and "Paris" not in sky.text
+    assert "blue" in sky.text.lower() and "blue" not in france.text.lower()
