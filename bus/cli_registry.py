@@ -211,7 +211,7 @@ def _load_params(args: argparse.Namespace) -> Any:
     from wire.params import ModelParams
 
     params = ModelParams(context_size=args.context_size, batch_size=args.batch_size, gpu_layers=args.gpu_layers,
-                         threads=args.threads, parallel=args.parallel)
+                         threads=args.threads, parallel=args.parallel, flash_attention=args.flash_attention)
     return params if any(getattr(params, f) is not None for f in params.__struct_fields__) else None
 
 
@@ -229,6 +229,8 @@ def _param_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-layers", type=int)
     g.add_argument("--threads", type=int)
     g.add_argument("--parallel", type=int, help="conversations decoded together (sequences)")
+    g.add_argument("--flash-attention", choices=("auto", "on", "off"),
+                   help="llama.cpp flash attention (off: faster follow-up turns in long conversations on CPU)")
 
 
 def _update_request(args: argparse.Namespace) -> Any:

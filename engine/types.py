@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from wire.messages import Channel, FinishReason, Timing, Usage
-from wire.params import DEFAULTS, BatchSize, ContextSize, GpuLayers, ModelParams, SamplingParams, SeqMax, Threads
+from wire.params import (
+    DEFAULTS,
+    BatchSize,
+    ContextSize,
+    FlashAttention,
+    GpuLayers,
+    ModelParams,
+    SamplingParams,
+    SeqMax,
+    Threads,
+)
 
 
 class ModelConfig(msgspec.Struct, frozen=True, rename="camel"):
@@ -20,12 +30,13 @@ class ModelConfig(msgspec.Struct, frozen=True, rename="camel"):
     n_gpu_layers: GpuLayers = DEFAULTS.n_gpu_layers
     n_threads: Threads = DEFAULTS.n_threads
     n_seq_max: SeqMax = DEFAULTS.n_seq_max
+    flash_attention: FlashAttention = "auto"
 
     @classmethod
     def resolve(cls, model_path: str, *layers: ModelParams | None) -> "ModelConfig":
         """Resolve load parameters, most specific layer first, over DEFAULTS."""
 
-        def pick(field: str, default: int) -> int:
+        def pick(field: str, default: Any) -> Any:
             for layer in layers:
                 if layer is not None and getattr(layer, field) is not None:
                     return getattr(layer, field)
@@ -38,6 +49,7 @@ class ModelConfig(msgspec.Struct, frozen=True, rename="camel"):
             n_gpu_layers=pick("gpu_layers", DEFAULTS.n_gpu_layers),
             n_threads=pick("threads", DEFAULTS.n_threads),
             n_seq_max=pick("parallel", DEFAULTS.n_seq_max),
+            flash_attention=pick("flash_attention", DEFAULTS.flash_attention),
         )
 
 

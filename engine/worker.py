@@ -362,6 +362,7 @@ class Worker:
         cparams.n_threads = cfg.n_threads
         cparams.n_threads_batch = cfg.n_threads
         cparams.kv_unified = False  # every sequence gets its own n_ctx cells; attention only over its own
+        cparams.flash_attn_type = {"auto": -1, "off": 0, "on": 1}[cfg.flash_attention]  # LLAMA_FLASH_ATTN_TYPE_*
         cparams.no_perf = True
         ctx = ll.llama_init_from_model(model, cparams)
         if not ctx:

@@ -80,6 +80,7 @@ BAD_PAYLOADS = [
     ("models.list", b'{"includeDeleted": true, "colour": "red"}', "$.colour"),
     ("models.update", b'{"modelId": "x", "generation": {"maxTokens": 0}}', "$.generation.maxTokens"),
     ("models.update", b'{"modelId": "x", "load": {"contextSize": "big"}}', "$.load.contextSize"),
+    ("models.update", b'{"modelId": "x", "load": {"flashAttention": "maybe"}}', "$.load.flashAttention"),
     ("models.import", b'{"path": "a.gguf", "expectedSha256": "abc"}', "$.expectedSha256"),
     ("models.pull", b'{"ref": "x", "progressSubject": "lama.api.models.list"}', "$.progressSubject"),
     ("models.pull", b'{"ref": "x", "progressSubject": "a.>"}', "$.progressSubject"),

@@ -53,9 +53,10 @@ async def test_models_import_update_activate_rm(service, capsys):
                               *c)
     assert (imported["model"]["id"], imported["model"]["temperature"]) == ("tiny-one", 0.5)
     updated = await cli_json(capsys, "models", "update", "tiny-one", "--max-tokens", "42", "--stop", "END",
-                             "--stop", "###", "--context-size", "1024", "--system-prompt", "Be brief.", *c)
+                             "--stop", "###", "--context-size", "1024", "--flash-attention", "off", "--system-prompt", "Be brief.", *c)
     m = updated["model"]
     assert (m["maxTokens"], m["stop"], m["contextSize"], m["systemPrompt"]) == (42, ["END", "###"], 1024, "Be brief.")
+    assert m["flashAttention"] == "off"
     rc, _, err = await cli(capsys, "models", "update", "tiny-one", *c)
     assert rc == 1 and "error [bad_request]" in err
     rc, _, err = await cli(capsys, "models", "update", "tiny-one", "--max-tokens", "0", *c)

@@ -354,3 +354,14 @@ async def test_conversation_is_deterministic_across_engines(model_path: Path):
             texts.append([r.text for r in await _converse(e, h, "topic-fruit-det", users)])
     assert all(t.strip() for t in texts[0]), texts[0]
     assert texts[0] == texts[1]
+
+
+async def test_flash_attention_off_loads_and_answers(model_path: Path):
+    # Off is the choice for long conversations on CPU (docs/operations.md); it changes the KV layout,
+    # so it must load and answer like the default does.
+    async with Engine() as e:
+        h = await e.initialize(ModelConfig(str(model_path), **{**CONFIG, "flash_attention": "off"}))
+        _, r = await collect(e, h, chat("fa-off", ("user", "Which city is the capital of France?")))
+        config = e.diagnostics()["models"][0]["config"]
+    assert "Paris" in r.text
+    assert config["flashAttention"] == "off"

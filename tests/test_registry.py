@@ -216,8 +216,9 @@ async def test_exactly_one_active_model_switched_in_one_transaction(registry: Re
 async def test_update_params_merges_and_checks_the_version(registry: Registry, models_dir: Path):
     a, _ = await _two(registry, models_dir)
     m = await registry.update_params("a", GenerationParams(temperature=0.2, stop=["END"]),
-                                     ModelParams(context_size=1024))
+                                     ModelParams(context_size=1024, flash_attention="off"))
     assert (m.temperature, m.stop, m.context_size, m.max_tokens) == (0.2, ("END",), 1024, None)
+    assert m.flash_attention == "off" and ModelConfig.resolve(m.model_path, m.model_params()).flash_attention == "off"
     m = await registry.update_params("a", GenerationParams(max_tokens=64), expected_version=m.version)
     assert (m.temperature, m.max_tokens) == (0.2, 64)
     assert m.generation_params() == GenerationParams(max_tokens=64, temperature=0.2, stop=["END"])

@@ -25,6 +25,7 @@ from wire.records import LLM, CatalogEntry, TopicInfo
 from wire.params import (
     BatchSize,
     ContextSize,
+    FlashAttention,
     GenerationParams,
     GpuLayers,
     ModelParams,
@@ -228,10 +229,11 @@ class LlmInitialize(_Request, tag="llm.initialize"):
     gpu_layers: GpuLayers | None = None
     threads: Threads | None = None
     parallel: SeqMax | None = None
+    flash_attention: FlashAttention | None = None
 
     def load_params(self) -> ModelParams:
         return ModelParams(context_size=self.context_size, batch_size=self.batch_size, gpu_layers=self.gpu_layers,
-                           threads=self.threads, parallel=self.parallel)
+                           threads=self.threads, parallel=self.parallel, flash_attention=self.flash_attention)
 
 
 class LlmHandle(_Reply, tag="llm.handle"):

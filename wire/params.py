@@ -8,7 +8,7 @@ parameters, which override :data:`DEFAULTS`. Resolution happens once, in
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -24,6 +24,8 @@ BatchSize = Annotated[int, Meta(ge=1, le=1 << 16)]
 GpuLayers = Annotated[int, Meta(ge=-1, le=10_000)]
 Threads = Annotated[int, Meta(ge=1, le=512)]
 SeqMax = Annotated[int, Meta(ge=1, le=64)]
+#: llama.cpp's flash attention: ``auto`` lets llama.cpp decide (on for CPU); see docs/operations.md for the trade-off.
+FlashAttention = Literal["auto", "on", "off"]
 
 
 def _physical_cores() -> int:
@@ -63,6 +65,7 @@ class Defaults(msgspec.Struct, frozen=True):
     n_gpu_layers: int = 1
     n_threads: int = min(4, _physical_cores())
     n_seq_max: int = 8
+    flash_attention: str = "auto"
 
 
 DEFAULTS = Defaults()
@@ -121,3 +124,4 @@ class ModelParams(msgspec.Struct, frozen=True, rename="camel", forbid_unknown_fi
     gpu_layers: GpuLayers | None = None
     threads: Threads | None = None
     parallel: SeqMax | None = None
+    flash_attention: FlashAttention | None = None

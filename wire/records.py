@@ -15,7 +15,7 @@ import msgspec
 from wire.params import GenerationParams, ModelParams
 
 GENERATION_FIELDS = GenerationParams.__struct_fields__  # max_tokens, temperature, top_p, top_k, stop, seed
-LOAD_FIELDS = ModelParams.__struct_fields__  # context_size, batch_size, gpu_layers, threads, parallel
+LOAD_FIELDS = ModelParams.__struct_fields__  # context_size, batch_size, gpu_layers, threads, parallel, flash_attention
 
 
 class LLM(msgspec.Struct, frozen=True, rename="camel"):
@@ -68,6 +68,7 @@ class LLM(msgspec.Struct, frozen=True, rename="camel"):
     seed: int | None = None
     gpu_layers: int | None = None
     parallel: int | None = None
+    flash_attention: str | None = None
     version: int = 0
     """The model stream's version: the ``expected_version`` for an update."""
     last_error: str | None = None
