@@ -761,6 +761,7 @@ class BusBench:
                                                          "8_topics": self.rss.procs.get(f"concurrency_{batch_level}")}
                     self.results["nats_server_rss_mb"] = status_kb(broker.pid, "VmRSS:") / 1024 if broker.pid else None
                     await self._maybe_profile()
+                    await self._variants(threads)
                 finally:
                     self.service.stop()
                     await nc.close()
@@ -919,6 +920,60 @@ class BusBench:
         self.results["turn20_over_turn1_ttft_no_reuse"] = ratio(median(fresh_ttft[turns]), median(fresh_ttft[1]))
         self.results["turn20_over_turn1_ttft_direct_reuse"] = ratio(median(reuse_ttft[turns]), median(reuse_ttft[1]))
         self.results["turn20_ttft_bus_over_direct_reuse"] = ratio(median(bus_ttft[turns]), median(reuse_ttft[turns]))
+
+    # -- load-parameter variants: what flashAttention=off and a core left for the bus change --------------
+
+    async def _update_load(self, **load: Any) -> None:
+        """Store load parameters on the bench's model; the next request loads it with them."""
+        models = await self.bus.client.request("models.list")
+        model_id = next(m["id"] for m in models["models"] if m["active"])
+        await self.bus.client.request("models.update", {"modelId": model_id, "load": load})
+
+    async def _variants(self, threads: int) -> None:
+        cfg = self.cfg
+        # The conversation again with flash attention off, through the bus only (turns 1 and 20 matter).
+        await self._update_load(flashAttention="off")
+        await self.bus.ask("fa-off-warm", "Say hello.", greedy(8))  # loads the model with flash attention off
+        first: list[float] = []
+        last: list[float] = []
+        for rep in range(cfg.conv_reps):
+            for turn in range(1, cfg.turns + 1):
+                user = f"Turn {turn}. Tell me one interesting fact about the number {turn * 7 + rep}."
+                b = await self.bus.ask(f"conv-fa-off-{rep}", user, greedy(cfg.turn_tokens))
+                if turn == 1:
+                    first.append(b.ttft_s * 1000)
+                elif turn == cfg.turns:
+                    last.append(b.ttft_s * 1000)
+        self.results["flash_attention_off"] = {
+            "turn1_ttft_ms": median(first), "turn20_ttft_ms": median(last),
+            "turn20_over_turn1_ttft": ratio(median(last), median(first)),
+        }
+        self.log(f"  flashAttention off: conversation turn 1 {median(first):.1f} ms, turn {cfg.turns} {median(last):.1f} ms")
+        # One stream with one decode thread fewer, so the bus has a core of its own: the raw loop gets the
+        # same thread count, so the ratio is the bus's own cost once it need not interrupt the decode threads.
+        spare = max(1, threads - 1)
+        await self._update_load(flashAttention="auto", threads=spare)
+        raw = RawLlama(cfg.model, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch, n_threads=spare, n_seq_max=1)
+        n = cfg.tokens
+        bus_tps: list[float] = []
+        raw_tps: list[float] = []
+        try:
+            await self.bus.ask("spare-warm", "Say hello.", greedy(8))  # loads the model with `spare` threads
+            for rep in range(cfg.reps):
+                user = essay(f"spare-{rep}-{uuid.uuid4().hex[:8]}")
+                b = await self.bus.ask(f"spare-{rep}", user, greedy(n))
+                r = raw.run(raw.tokenize(raw.chat_prompt(chat(user))), n)
+                if (t := b.tps(n)) is not None:
+                    bus_tps.append(t)
+                raw_tps.append(r["tokens_per_s"])
+        finally:
+            raw.close()
+            await self._update_load(threads=threads)
+        self.results["spare_core"] = {
+            "engine_threads": spare, "cores": os.cpu_count(), "bus_tps": median(bus_tps), "raw_tps": median(raw_tps),
+            "bus_over_raw_tps": ratio(median(bus_tps), median(raw_tps)),
+        }
+        self.log(f"  {spare} decode thread(s): bus {_fmt(median(bus_tps), '.1f')} tok/s, raw {_fmt(median(raw_tps), '.1f')} tok/s")
 
     # -- 4 + issue 6: concurrent topics ----------------------------------------------------------
 

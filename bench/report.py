@@ -171,6 +171,14 @@ def render(results: dict[str, Any]) -> str:
     w(f"| TTFT turn 20 ÷ turn 1 without prefix reuse (baseline) | — | {_n(no_reuse, '.3f')}× | — |")
     w(f"| TTFT turn 20 ÷ turn 1, llama-cpp-python with its own prefix cache | — | "
       f"{_n(results.get('turn20_over_turn1_ttft_direct_reuse'), '.3f')}× | — |")
+    fa_off = results.get("flash_attention_off") or {}
+    if fa_off:
+        w(f"| TTFT turn 20 ÷ turn 1 through lamabus with the model's flashAttention off | (≤ 1.30×) | "
+          f"{_n(fa_off.get('turn20_over_turn1_ttft'), '.3f')}× | — |")
+    spare = results.get("spare_core") or {}
+    if spare:
+        w(f"| Streamed tok/s: bus ÷ raw loop, both with {spare.get('engine_threads')} decode thread(s) on "
+          f"{spare.get('cores')} cores (a core left for the bus) | (≥ 0.95×) | {_n(spare.get('bus_over_raw_tps'), '.3f')}× | — |")
     for c in results.get("concurrency", []):
         w(f"| {c['topics']} concurrent topic(s): aggregate tok/s, TTFT p50 / p95 | — | "
           f"{_n(c['aggregate_tps'])} tok/s, {_n(c['ttft_p50_ms'], '.0f')} / {_n(c['ttft_p95_ms'], '.0f')} ms | — |")
@@ -277,6 +285,25 @@ def render(results: dict[str, Any]) -> str:
         w(f"Turn {conv['turns']} ÷ turn 1: **{_n(results.get('turn20_over_turn1_ttft'), '.3f')}** through lamabus, "
           f"{_n(results.get('turn20_over_turn1_ttft_direct_reuse'), '.3f')} for llama-cpp-python with its own cache, "
           f"{_n(results.get('turn20_over_turn1_ttft_no_reuse'), '.3f')} without reuse.\n")
+
+    # ---- load-parameter variants
+    if fa_off or spare:
+        w("## 2b. Two load parameters, measured through the bus\n")
+        w("After the sections above the benchmark stores load parameters on its model (`models.update`) and "
+          "measures again (docs/operations.md, *Tuning a model for speed on a CPU*):\n")
+        if fa_off:
+            w(f"- `flashAttention: off`: the 20-turn conversation again (bus only): turn 1 "
+              f"{_n(fa_off.get('turn1_ttft_ms'))} ms, turn 20 {_n(fa_off.get('turn20_ttft_ms'))} ms, ratio "
+              f"**{_n(fa_off.get('turn20_over_turn1_ttft'), '.3f')}** (with the default: "
+              f"{_n(results.get('turn20_over_turn1_ttft'), '.3f')}). llama.cpp's CPU flash-attention kernel costs more "
+              f"per cached token than the plain attention path, and a follow-up turn attends over the whole history.")
+        if spare:
+            w(f"- `threads: {spare.get('engine_threads')}` on {spare.get('cores')} cores, one stream, interleaved with the "
+              f"raw loop given the same threads: bus {_n(spare.get('bus_tps'))} tok/s, raw {_n(spare.get('raw_tps'))} tok/s, "
+              f"ratio **{_n(spare.get('bus_over_raw_tps'), '.3f')}**. With every core decoding, the service, the broker and "
+              f"the client have to interrupt a decode thread for each token, and the other thread waits for it at the "
+              f"next barrier; with a core to themselves they cost only their own time.")
+        w("")
 
     # ---- concurrency
     if results.get("concurrency"):
