@@ -108,6 +108,22 @@ def observations(results: dict[str, Any]) -> list[str]:
         out.append(f"TTFT overhead, read carefully: bus − direct is {overhead:.1f} ms because the engine evaluates the "
                    f"prompt faster than llama-cpp-python does; the time the bus itself adds outside the engine is "
                    f"{outside:.1f} ms, {verdict} the 5 ms target taken on its own.")
+    spare = results.get("spare_core") or {}
+    if isinstance(spare.get("bus_over_raw_tps"), (int, float)) and bus and raw:
+        out.append(f"One stream, bus ÷ raw: {bus / raw:.3f} with every core decoding, {spare['bus_over_raw_tps']:.3f} with "
+                   f"{spare['engine_threads']} decode thread(s) on {spare['cores']} cores, so that the service, the broker "
+                   "and the client have a core of their own. The bus's per-token work costs little CPU (the line above); "
+                   "what costs is that, with no free core, it preempts a decode thread, and llama.cpp's threads wait "
+                   "for each other at every barrier. Eight streams share one wake-up per decode step, so the batched "
+                   "row does not pay it.")
+    fa = results.get("flash_attention_off") or {}
+    conv = results.get("turn20_over_turn1_ttft")
+    if isinstance(fa.get("turn20_over_turn1_ttft"), (int, float)) and isinstance(conv, (int, float)):
+        out.append(f"Turn 20 ÷ turn 1: {conv:.3f} with the default flash attention, {fa['turn20_over_turn1_ttft']:.3f} "
+                   "with `flashAttention: off` on the model. Prefix reuse already keeps each follow-up to the new "
+                   "tokens (the *reused* column); what grows is attention over the cached history, which llama.cpp's "
+                   "CPU flash-attention kernel does at a higher cost per cached token than its plain path. "
+                   "docs/operations.md gives the trade-off (flash attention decodes short contexts faster).")
     ratio8 = derived(results).get("rss_8_over_1_topic")
     pred = (results.get("engine") or {}).get("memory_predicted_mb") or {}
     if ratio8 is not None and ratio8 < 1.05:
