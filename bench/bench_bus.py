@@ -529,6 +529,11 @@ def conversation_turns_shown(turns: int) -> set[int]:
     return {t for t in (1, 2, 5, 10, 15, turns) if t <= turns}
 
 
+def conversation_turn(turn: int, rep: int) -> str:
+    """The user's message at ``turn`` of conversation ``rep`` (the same in every conversation measure)."""
+    return f"Turn {turn}. Tell me one interesting fact about the number {turn * 7 + rep}."
+
+
 def chat(user: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
@@ -890,7 +895,7 @@ class BusBench:
             topic = f"conv-{rep}"
             history: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_PROMPT}]
             for turn in range(1, turns + 1):
-                user = f"Turn {turn}. Tell me one interesting fact about the number {turn * 7 + rep}."
+                user = conversation_turn(turn, rep)
                 b = await self.bus.ask(topic, user, greedy(n))
                 msgs = [*history, {"role": "user", "content": user}]
                 reuse_ttft[turn].append(reusing.run(msgs, 1, reset=turn == 1).ttft_s * 1000)
@@ -938,7 +943,7 @@ class BusBench:
         last: list[float] = []
         for rep in range(cfg.conv_reps):
             for turn in range(1, cfg.turns + 1):
-                user = f"Turn {turn}. Tell me one interesting fact about the number {turn * 7 + rep}."
+                user = conversation_turn(turn, rep)
                 b = await self.bus.ask(f"conv-fa-off-{rep}", user, greedy(cfg.turn_tokens))
                 if turn == 1:
                     first.append(b.ttft_s * 1000)
@@ -953,7 +958,7 @@ class BusBench:
         # same thread count, so the ratio is the bus's own cost once it need not interrupt the decode threads.
         spare = max(1, threads - 1)
         await self._update_load(flashAttention="auto", threads=spare)
-        raw = RawLlama(cfg.model, n_ctx=cfg.n_ctx, n_batch=cfg.n_batch, n_threads=spare, n_seq_max=1)
+        raw = RawSide(cfg.model, spare, cfg.n_ctx, cfg.n_batch, 1)
         n = cfg.tokens
         bus_tps: list[float] = []
         raw_tps: list[float] = []
@@ -962,10 +967,9 @@ class BusBench:
             for rep in range(cfg.reps):
                 user = essay(f"spare-{rep}-{uuid.uuid4().hex[:8]}")
                 b = await self.bus.ask(f"spare-{rep}", user, greedy(n))
-                r = raw.run(raw.tokenize(raw.chat_prompt(chat(user))), n)
-                if (t := b.tps(n)) is not None:
-                    bus_tps.append(t)
-                raw_tps.append(r["tokens_per_s"])
+                r = raw.run(chat(user), n)
+                bus_tps += [t for t in (b.tps(n),) if t is not None]
+                raw_tps += [t for t in (r.tps(n),) if t is not None]
         finally:
             raw.close()
             await self._update_load(threads=threads)
@@ -983,6 +987,8 @@ class BusBench:
         ttfts: dict[int, list[float]] = defaultdict(list)
         short: Counter[int] = Counter()
         raw_agg: list[float] = []
+        raw_prefill_s: list[float] = []
+        raw_decode_tps: list[float] = []
         for rep in range(cfg.reps):
             for k in cfg.concurrency:
                 users = [essay(f"{rep}-{k}-{i}-{uuid.uuid4().hex[:6]}") for i in range(k)]
@@ -997,6 +1003,8 @@ class BusBench:
                 if k == batch_level and k > 1 and self.raw.batched is not None:
                     rb = self.raw.run_batched([chat(u) for u in users], n)
                     raw_agg.append(rb["tokens_per_s"])
+                    raw_prefill_s.append(rb["prefill_s"])
+                    raw_decode_tps.append(rb["decode_tokens_per_s"])
                     line += f" | raw batched {raw_agg[-1]:.1f} tok/s"
                 self.log(line)
         self.results["concurrency"] = [
@@ -1005,6 +1013,7 @@ class BusBench:
             for k in cfg.concurrency
         ]
         self.results["raw_batched"] = {"sequences": batch_level, "aggregate_tps": median(raw_agg),
+                                       "prefill_s": median(raw_prefill_s), "decode_phase_tps": median(raw_decode_tps),
                                        "engine_n_seq_max": n_seq_max, "samples": raw_agg}
         self.results["batched8_over_raw_batched8"] = ratio(median(agg.get(batch_level, [])), median(raw_agg))
 

@@ -332,10 +332,13 @@ def render(results: dict[str, Any]) -> str:
             w(f"| {c['topics']} | {_n(c['aggregate_tps'])} | {_n(c['ttft_p50_ms'])} | {_n(c['ttft_p95_ms'])} | "
               f"{c['requests']} | {c['stopped_before_max_tokens']} |")
         rb = results.get("raw_batched", {})
+        prefill_s = rb.get("prefill_s")
         w("")
         w(f"Raw batched llama.cpp loop, {rb.get('sequences')} sequences in one context (n_seq_max "
           f"{rb.get('sequences')}, one token per sequence per llama_decode, EOS ignored): "
-          f"{_n(rb.get('aggregate_tps'))} tok/s. lamabus ÷ raw batched: "
+          f"{_n(rb.get('aggregate_tps'))} tok/s (prompts of all sequences in one batch: "
+          f"{_n(prefill_s * 1000 if prefill_s is not None else None, '.0f')} ms; "
+          f"then {_n(rb.get('decode_phase_tps'))} tok/s). lamabus ÷ raw batched: "
           f"**{_n(results.get('batched8_over_raw_batched8'), '.3f')}**.\n")
 
     # ---- memory
