@@ -30,7 +30,7 @@ class ModelConfig(msgspec.Struct, frozen=True, rename="camel"):
     n_gpu_layers: GpuLayers = DEFAULTS.n_gpu_layers
     n_threads: Threads = DEFAULTS.n_threads
     n_seq_max: SeqMax = DEFAULTS.n_seq_max
-    flash_attention: FlashAttention = "auto"
+    flash_attention: FlashAttention = DEFAULTS.flash_attention
 
     @classmethod
     def resolve(cls, model_path: str, *layers: ModelParams | None) -> "ModelConfig":

@@ -65,7 +65,7 @@ class Defaults(msgspec.Struct, frozen=True):
     n_gpu_layers: int = 1
     n_threads: int = min(4, _physical_cores())
     n_seq_max: int = 8
-    flash_attention: str = "auto"
+    flash_attention: FlashAttention = "auto"
 
 
 DEFAULTS = Defaults()
