@@ -27,6 +27,7 @@ from bus.intake import TopicIntake
 from bus.publisher import NatsPublisher
 from bus.service import error_reply, start_service
 from bus.subjects import Subjects
+from bus.web import WebServer, embedded_websocket_port, web_server_for
 from engine.runtime import Engine
 from handlers.assistant import Assistant, AssistantSettings
 from handlers.catalog import bundled_model_path
@@ -64,6 +65,7 @@ class LamabusService:
         self.models: ModelsRuntime | None = None
         self.assistant: Assistant | None = None
         self.intake: TopicIntake | None = None
+        self.web: WebServer | None = None  # the chat page
         self._stack = contextlib.AsyncExitStack()
         self._tg: TaskGroup | None = None
 
@@ -96,7 +98,8 @@ class LamabusService:
             port = s.embedded_port if s.embedded_port and _port_free("127.0.0.1", s.embedded_port) else 0
             if s.embedded_port and not port:
                 log.warning("port %d is taken; the embedded nats-server takes a free one", s.embedded_port)
-            self.embedded = await stack.enter_async_context(EmbeddedNatsServer(s.jetstream_dir, port=port))
+            self.embedded = await stack.enter_async_context(EmbeddedNatsServer(
+                s.jetstream_dir, port=port, websocket_port=embedded_websocket_port(s)))
             self.url = self.embedded.url
             s.embedded_url_file.write_text(f"{self.url}\n")
             stack.callback(s.embedded_url_file.unlink, missing_ok=True)
@@ -138,6 +141,8 @@ class LamabusService:
         service = await start_service(self.nc, self.subjects.api, build_endpoints(self), task_group=self._tg)
         stack.push_async_callback(service.stop)
         self._tg.start_soon(self._feed_registry_events)
+        if (web := web_server_for(s, self.embedded.ws_url if self.embedded else None)) is not None:
+            self.web = await stack.enter_async_context(web)
         log.info("lamabus ready on %s (prefix %r, data %s)", self.url, s.prefix, s.data_path)
 
     async def _close_nats(self) -> None:

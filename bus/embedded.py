@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from types import TracebackType
 from wire.errors import ErrorCode, LamaError
 
 _LISTEN_RE = re.compile(rb"Listening for client connections on ([0-9.]+):(\d+)")
+_WS_LISTEN_RE = re.compile(rb"Listening for websocket clients on ws://([0-9.]+):(\d+)")
 _READY = b"Server is ready"
 
 
@@ -43,21 +45,50 @@ def nats_server_binary() -> str:
 
 
 class EmbeddedNatsServer:
-    """A nats-server child process. ``port=0`` picks a free port; ``url`` says which."""
+    """A nats-server child process. ``port=0`` picks a free port; ``url`` says which.
+
+    ``websocket_port`` (``None``: none) adds a NATS WebSocket listener (plain ``ws://``, on
+    ``host``; 0 picks a free port) for browser clients; ``ws_url`` says where. The server is
+    then started from a config file written beside the store (``<store_dir>.conf``), as
+    nats-server has no command-line flag for WebSocket. Once started, ``port`` and
+    ``websocket_port`` hold the ports taken, so a restart (``stop`` then ``start``) comes back
+    on the same ones.
+    """
 
     def __init__(self, store_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 0,
-                 startup_timeout: float = 20.0) -> None:
+                 websocket_port: int | None = None, startup_timeout: float = 20.0) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
+        self.websocket_port = websocket_port
         self.startup_timeout = startup_timeout
         self.url: str | None = None
+        self.ws_url: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
 
+    @property
+    def config_path(self) -> Path:
+        return self.store_dir.with_name(self.store_dir.name + ".conf")
+
+    def _write_config(self) -> Path:
+        """The nats-server config for a server with a WebSocket listener (strings JSON-quoted)."""
+        q = json.dumps
+        self.config_path.write_text(
+            "# Written by lamabus at each start of its embedded nats-server; edits are overwritten.\n"
+            f"host: {q(self.host)}\n"
+            f"port: {self.port or -1}\n"
+            f"jetstream {{ store_dir: {q(str(self.store_dir))} }}\n"
+            f"websocket {{ listen: {q(f'{self.host}:{self.websocket_port or -1}')}, no_tls: true }}\n"
+        )
+        return self.config_path
+
     async def start(self) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [nats_server_binary(), "-a", self.host, "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
+        if self.websocket_port is None:
+            args = [nats_server_binary(), "-a", self.host, "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
+        else:
+            args = [nats_server_binary(), "-c", str(self._write_config())]
         # Its own session: a Ctrl-C in the terminal reaches lamabus, which then stops the broker
         # after draining, instead of both dying at once. The death signal: should lamabus itself
         # be killed, the broker goes too, rather than hold the port and the JetStream store.
@@ -67,6 +98,7 @@ class EmbeddedNatsServer:
         )
         assert self._proc.stderr is not None
         port: int | None = None
+        ws_port: int | None = None
         lines: list[bytes] = []
         try:
             async with asyncio.timeout(self.startup_timeout):
@@ -78,6 +110,8 @@ class EmbeddedNatsServer:
                     lines.append(line)
                     if m := _LISTEN_RE.search(line):
                         port = int(m.group(2))
+                    if m := _WS_LISTEN_RE.search(line):
+                        ws_port = int(m.group(2))
                     if _READY in line and port is not None:
                         break
         except BaseException:
@@ -85,6 +119,12 @@ class EmbeddedNatsServer:
             raise
         self.port = port
         self.url = f"nats://{self.host}:{port}"
+        if self.websocket_port is not None:
+            if ws_port is None:
+                await self.stop()
+                raise LamaError(ErrorCode.INTERNAL, "nats-server started without its WebSocket listener")
+            self.websocket_port = ws_port
+            self.ws_url = f"ws://{self.host}:{ws_port}"
         # Keep draining stderr so the server never blocks on a full pipe.
         self._log_task = asyncio.create_task(self._drain(self._proc.stderr))
         return self.url
