@@ -59,6 +59,7 @@ const state = {
   models: [],
   activeModelId: null,
   aiPersons: new Set(),
+  topicList: [],
   view: null, // the open topic's view (see openTopic)
   openSeq: 0,
 };
@@ -208,6 +209,7 @@ async function refreshTopics() {
 }
 
 function renderTopics(topics) {
+  state.topicList = topics;
   ui.topics.replaceChildren();
   for (const t of topics) {
     const li = el("li");
@@ -559,11 +561,9 @@ async function openTopic(topic) {
   ui.empty.hidden = false;
   ui.topicTitle.textContent = topic;
   ui.topicModel.textContent = "";
+  ui.settingsNote.textContent = "";
   document.title = `${topic} · lamabus`;
-  for (const b of ui.topics.querySelectorAll("button[data-topic]")) {
-    if (b.dataset.topic === topic) b.setAttribute("aria-current", "true");
-    else b.removeAttribute("aria-current");
-  }
+  renderTopics(state.topicList);
   updateStop();
   loadTopicRecord(topic);
 
@@ -658,7 +658,6 @@ async function send() {
     note.dataset.kind = "error";
     node.querySelector(".body").append(note);
   }
-  if (!state.topicRecord) setTimeout(() => { refreshTopics(); loadTopicRecord(view.topic); }, 500);
 }
 
 async function stop() {
@@ -772,7 +771,11 @@ async function main() {
   state.nc.subscribe(`${state.config.prefix}.registry.evt.>`, {
     callback: () => {
       clearTimeout(pending);
-      pending = setTimeout(() => { refreshTopics(); refreshModels(); }, 300);
+      pending = setTimeout(() => {
+        refreshTopics();
+        refreshModels();
+        if (state.topic) loadTopicRecord(state.topic); // a topic made by its first message, a new binding
+      }, 300);
     },
   });
   document.body.dataset.ready = "true";
