@@ -86,6 +86,49 @@ def test_committed_bundle_is_built_from_the_committed_sources():
                              r"createContextualFragment|srcdoc", source), name
 
 
+def test_web_settings_defaults_environment_and_flags():
+    from bus.cli import _settings, build_parser
+    from bus.config import load_settings
+    from wire.errors import LamaError
+
+    s = load_settings({}, environ={})
+    assert (s.web, s.web_address, s.nats_ws_url, s.embedded_ws_port) == ("127.0.0.1:8080", ("127.0.0.1", 8080),
+                                                                         None, 4223)
+    s = load_settings({}, environ={"LAMABUS_WEB": "off", "LAMABUS_NATS_WS_URL": "ws://broker:4223"})
+    assert s.web_address is None and s.nats_ws_url == "ws://broker:4223"
+    assert load_settings({"web": "[::1]:0"}, environ={}).web_address == ("::1", 0)
+    for bad in ({"web": "8080"}, {"web": "127.0.0.1:port"}, {"nats_ws_url": "nats://x:4222"}):
+        with pytest.raises(LamaError):
+            load_settings(bad, environ={})
+    args = build_parser().parse_args(["serve", "--web", "127.0.0.1:0", "--nats-ws-url", "wss://example:443"])
+    s = _settings(args)
+    assert (s.web_address, s.nats_ws_url) == (("127.0.0.1", 0), "wss://example:443")
+
+
+async def test_embedded_broker_websocket_listener_comes_back_on_its_ports(tmp_path):
+    import aiohttp
+
+    from bus.embedded import EmbeddedNatsServer
+
+    async def handshake(url: str) -> bytes:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            return (await ws.receive(timeout=10)).data
+
+    server = EmbeddedNatsServer(tmp_path / "jetstream", websocket_port=0)
+    async with server:
+        assert server.ws_url and server.ws_url.startswith("ws://127.0.0.1:")
+        assert "no_tls: true" in server.config_path.read_text()
+        assert (await handshake(server.ws_url)).startswith(b"INFO ")
+        urls = server.url, server.ws_url
+        await server.stop()
+        await server.start()
+        assert (server.url, server.ws_url) == urls
+        assert (await handshake(server.ws_url)).startswith(b"INFO ")
+    # Without a WebSocket port, no config file and no listener (the old command line).
+    async with EmbeddedNatsServer(tmp_path / "plain") as plain:
+        assert plain.ws_url is None and not plain.config_path.exists()
+
+
 # ---------------------------------------------------------------------------------- the service
 
 
@@ -375,6 +418,19 @@ def test_model_output_with_html_is_shown_as_text_and_never_runs(driver, lamabus,
     set_field(driver, "max-tokens-input", "")
     assert driver.find_elements(By.CSS_SELECTOR, '#messages img, #messages script') == []
     assert driver.execute_script("return window.__xss === undefined")
+
+
+@needs_browser
+@pytest.mark.model
+def test_a_rejected_message_is_shown_as_such(driver, lamabus, model):
+    open_topic(driver, lamabus, new_topic())
+    set_field(driver, "max-tokens-input", "0")  # out of bounds: lamabus answers message.rejected
+    send(driver, "This one has a bad parameter.")
+    set_field(driver, "max-tokens-input", "")
+    wait(driver, lambda d: messages(d)[0]["state"] == "failed", "the message was not marked rejected")
+    note = driver.find_element(By.CSS_SELECTOR, '[data-testid="rejected"]').text
+    assert note.startswith("rejected (bad_request):") and "maxTokens" in note
+    assert [m["role"] for m in messages(driver)] == ["user"]
 
 
 @needs_browser
