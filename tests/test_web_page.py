@@ -422,6 +422,57 @@ def test_model_output_with_html_is_shown_as_text_and_never_runs(driver, lamabus,
 
 @needs_browser
 @pytest.mark.model
+def test_thinking_is_shown_apart_and_collapsible(driver, lamabus, model):
+    """A thinking model's stream, played on the topic's subjects (the bundled model does not think)."""
+    topic = new_topic()
+    open_topic(driver, lamabus, topic)
+    svc = lamabus.svc
+    assert svc is not None
+    request_id, ai = f"think-{uuid.uuid4().hex}", model["personId"]
+    base = {"topic": topic, "authorId": ai, "requestId": request_id}
+
+    async def play(*events: tuple[str, dict[str, Any]]) -> None:
+        assert svc.nc is not None
+        js = svc.nc.jetstream()
+        for kind, event in events:
+            data = json.dumps(event).encode()
+            if kind == "tok":
+                await svc.nc.publish(f"lama.topic.{topic}.tok", data)
+            else:
+                await js.publish(f"lama.topic.{topic}.evt", data)
+        await svc.nc.flush()
+
+    lamabus.call(play(
+        ("evt", {"type": "generation.started", **base, "modelId": model["id"], "queuePosition": 2}),
+    ))
+    wait(driver, lambda d: "queued: 2 ahead" in (messages(d) or [{}])[-1].get("note", ""), "no queue position")
+    lamabus.call(play(
+        ("tok", {"type": "generation.token", **base, "seq": 0, "text": "Let me see", "channel": "thinking"}),
+        ("tok", {"type": "generation.token", **base, "seq": 1, "text": " <b>how</b>.", "channel": "thinking"}),
+        ("tok", {"type": "generation.token", **base, "seq": 1, "text": " <b>how</b>.", "channel": "thinking"}),
+        ("tok", {"type": "generation.token", **base, "seq": 2, "text": "The answer", "channel": "content"}),
+    ))
+    wait(driver, lambda d: (m := messages(d)[-1])["text"] == "The answer" and m["state"] == "streaming",
+         "the streamed content is not shown")
+    thinking = driver.find_element(By.CSS_SELECTOR, '[data-testid="thinking"]')
+    assert thinking.is_displayed() and thinking.get_attribute("open") is None  # collapsed at first
+    thinking.find_element(By.TAG_NAME, "summary").click()
+    wait(driver, lambda d: thinking.find_element(By.CSS_SELECTOR, ".thinking-body").text == "Let me see <b>how</b>.",
+         "the thinking text is not shown (once) when opened")
+    lamabus.call(play(("evt", {
+        "type": "generation.completed", **base, "messageId": f"reply-{request_id}", "modelId": model["id"],
+        "text": "The answer is 42.", "thinking": "Let me see <b>how</b>.", "tokens": 7, "finishReason": "stop",
+        "timing": {"startTime": 0, "endTime": 1000, "elapsedTime": 1000, "tokensPerSecond": 7.0,
+                   "timeToFirstToken": 120.0, "queueTime": 5.0},
+        "usage": {"promptTokens": 20, "completionTokens": 7, "totalTokens": 27, "cachedTokens": 16}})))
+    reply = wait(driver, reply_in_state("done"), "the reply did not finish")[-1]
+    assert reply["text"] == "The answer is 42."
+    assert reply["stats"] == {"model": model["id"], "tok/s": "7.0", "TTFT": "120 ms", "finish": "stop",
+                              "tokens": "7", "cached": "16", "queued": "5 ms"}
+
+
+@needs_browser
+@pytest.mark.model
 def test_a_rejected_message_is_shown_as_such(driver, lamabus, model):
     open_topic(driver, lamabus, new_topic())
     set_field(driver, "max-tokens-input", "0")  # out of bounds: lamabus answers message.rejected
