@@ -86,7 +86,8 @@ class EmbeddedNatsServer:
     async def start(self) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         if self.websocket_port is None:
-            args = [nats_server_binary(), "-a", self.host, "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
+            args = [nats_server_binary(), "-a", self.host, "-p", str(self.port or -1),
+                    "-js", "-sd", str(self.store_dir)]
         else:
             args = [nats_server_binary(), "-c", str(self._write_config())]
         # Its own session: a Ctrl-C in the terminal reaches lamabus, which then stops the broker
