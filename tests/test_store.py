@@ -336,6 +336,116 @@ class TestSqliteEventStore(EventStoreContract):
         assert store.closed
 
 
+class TestJetStreamEventStore(EventStoreContract):
+    @pytest.fixture
+    async def nc(self, nats_url: str):
+        import nats
+
+        conn = await nats.connect(nats_url)
+        yield conn
+        await conn.close()
+
+    @pytest.fixture
+    async def store(self, nc):
+        from storage.jetstream import JetStreamEventStore
+
+        async with JetStreamEventStore(nc, timeout=10.0) as store:
+            yield store
+
+    async def test_two_connections_racing_one_expected_version_one_wins(self, nats_url: str):
+        from storage.jetstream import JetStreamEventStore
+
+        async with JetStreamEventStore(nats_url) as a, JetStreamEventStore(nats_url) as b:
+            await a.append("model-a", [used(1)], NO_STREAM)
+            await b.stream_version("model-a")  # both handles now see version 1
+            outcomes: dict[str, str] = {}
+
+            async def writer(name: str, store: EventStore) -> None:
+                try:
+                    await store.append("model-a", [NewEvent(used(2), f"from-{name}")], 1)
+                    outcomes[name] = "ok"
+                except LamaError as exc:
+                    outcomes[name] = exc.code.value
+                    assert exc.details == {"stream_id": "model-a", "expected": 1, "actual": 2}
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer, "a", a)
+                tg.start_soon(writer, "b", b)
+            assert sorted(outcomes.values()) == ["conflict", "ok"]
+            (winner,) = [name for name, outcome in outcomes.items() if outcome == "ok"]
+            for store in (a, b):
+                assert [e.event_id for e in await store.read_stream("model-a")][1:] == [f"from-{winner}"]
+                assert await store.last_position() == 2
+            # The loser's rejected batch used up no sequence: positions stay gapless.
+            assert (await b.append("model-b", [used(3)])).positions == (3,)
+
+    async def test_follow_on_one_connection_sees_the_others_appends(self, nats_url: str):
+        from storage.jetstream import JetStreamEventStore
+
+        async with JetStreamEventStore(nats_url) as a, JetStreamEventStore(nats_url) as b:
+            a.poll_interval = 3600  # only the feed can wake a's follower: b's commit notifies b alone
+            seen: list[tuple[int, str]] = []
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    async def follower() -> None:
+                        async for ev in a.follow():
+                            seen.append((ev.position, ev.stream_id))
+                            if len(seen) == 3:
+                                return
+
+                    tg.start_soon(follower)
+                    await anyio.wait_all_tasks_blocked()
+                    await b.append("model-b", [used(1), used(2)], NO_STREAM)
+                    await b.append("topic-t", [TopicCreated(at=3)], NO_STREAM)
+            assert seen == [(1, "model-b"), (2, "model-b"), (3, "topic-t")]
+
+    async def test_persists_across_reopen(self, nats_url: str):
+        from storage.jetstream import JetStreamEventStore
+
+        async with JetStreamEventStore(nats_url) as store:
+            await store.append("model-a", [NewEvent(used(1), "e-1")], NO_STREAM)
+        async with JetStreamEventStore(nats_url) as store:
+            assert [e.event_id for e in await store.read_all()] == ["e-1"]
+            assert (await store.append("model-a", [used(2)], 1)).positions == (2,)
+            # A retry of the first append, long after: the original position, nothing stored.
+            again = await store.append("model-a", [NewEvent(used(1), "e-1")], NO_STREAM)
+            assert again.duplicate and again.positions == (1,)
+            assert await store.last_position() == 2
+
+    async def test_retry_is_idempotent_beyond_the_duplicate_window(self, nats_url: str):
+        import nats
+
+        from storage.jetstream import JetStreamEventStore
+
+        # A stream whose broker-side de-duplication forgets after 100 ms: the store must not rely on it.
+        nc = await nats.connect(nats_url)
+        try:
+            resp = await nc.request("$JS.API.STREAM.CREATE.LAMA_REGISTRY", (
+                b'{"name":"LAMA_REGISTRY","subjects":["lama.registry.log.*"],"storage":"file",'
+                b'"allow_atomic":true,"duplicate_window":100000000}'), timeout=5)
+            assert b'"error"' not in resp.data, resp.data
+            async with JetStreamEventStore(nc) as store:
+                first = await store.append("model-a", [NewEvent(used(1), "e-1"), NewEvent(used(2), "e-2")])
+                await store.append("model-b", [used(3)])
+                # Time itself is what this test needs to pass, not another task: wait out the window.
+                await anyio.sleep(0.3)
+                last = await store.last_position()
+                again = await store.append("model-a", [NewEvent(used(1), "e-1"), NewEvent(used(2), "e-2")])
+                assert again.duplicate and again.positions == first.positions == (1, 2)
+                assert await store.last_position() == last
+        finally:
+            await nc.close()
+
+    async def test_stream_ids_with_subject_characters_round_trip(self, store: EventStore):
+        odd = ["model-a.b", "topic-*", "x >y", "é~7E", "~", "a" * 200]
+        for i, sid in enumerate(odd):
+            await store.append(sid, [used(i)], NO_STREAM)
+        assert [e.stream_id for e in await store.read_all()] == odd
+        for sid in odd:
+            assert await store.stream_version(sid) == 1
+        assert await store.stream_version("model-a") == 0
+
+
 async def test_an_event_the_decoder_would_reject_is_refused_before_storing():
     from storage.events import ModelParametersChanged
 
