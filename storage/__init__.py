@@ -18,6 +18,7 @@ __all__ = [
     "AppendResult",
     "DomainEvent",
     "EventStore",
+    "JetStreamEventStore",
     "LLM",
     "MemoryEventStore",
     "NO_STREAM",
@@ -31,3 +32,12 @@ __all__ = [
     "model_stream",
     "topic_stream",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy: importing storage must not import nats-py for the SQLite-only paths.
+    if name == "JetStreamEventStore":
+        from storage.jetstream import JetStreamEventStore
+
+        return JetStreamEventStore
+    raise AttributeError(f"module 'storage' has no attribute {name!r}")
