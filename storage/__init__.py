@@ -1,9 +1,11 @@
 """The registry's storage: an append-only event store on SQLite and the projections built from it.
 
-Knows nothing of NATS or llama. ``storage.store`` holds the interface and the
-in-memory store, ``storage.sqlite`` the durable one, ``storage.events`` the
-domain events, ``storage.projections`` the read models (the seed's ``LLM``
-record, topic rooms, conversations).
+Knows nothing of lamabus's bus or of llama. ``storage.store`` holds the
+interface and the in-memory store, ``storage.sqlite`` the durable one,
+``storage.events`` the domain events, ``storage.projections`` the read models
+(the seed's ``LLM`` record, topic rooms, conversations). ``storage.jetstream``
+is the store for several nodes on a NATS cluster: the one module here that
+imports nats-py, and only when asked for.
 """
 
 from storage.events import AnyEvent, DomainEvent, model_stream, topic_stream
