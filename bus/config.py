@@ -37,15 +37,28 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     model_dirs: list[str] = []
     #: Topics answered at the same time (each topic's own messages are always one at a time).
     max_concurrent_topics: Annotated[int, Meta(ge=1, le=256)] = 8
-    #: Requests waiting or running per model before new ones are answered ``busy``.
+    #: Requests waiting or running per model before new ones are answered ``busy`` (retryable).
+    #: Only reachable when intake_window is set above it: by default a burst waits in the stream.
     max_queue_per_model: Annotated[int, Meta(ge=1, le=100_000)] = 64
     #: What a new message in a topic does to a generation running there.
     on_new_message: Literal["queue", "interrupt"] = "queue"
     #: The system prompt for topics and models that set none.
     system_prompt: str = "You are a helpful assistant."
-    #: Seconds a consumed message may go unacknowledged before JetStream redelivers it;
-    #: long generations send progress acks well within it.
-    ack_wait: Annotated[float, Meta(gt=1, le=3600)] = 30.0
+    #: Seconds a consumed message may go unacknowledged before JetStream redelivers it. Every
+    #: accepted message gets a progress ack every ack_wait/3, so this is also about how long a
+    #: restarted node waits for the messages a killed one was working on.
+    ack_wait: Annotated[float, Meta(gt=1, le=3600)] = 6.0
+    #: Messages taken from JetStream and not yet answered (queued in topic lanes or generating).
+    #: A burst beyond it waits in the stream, durable, and is fetched as replies finish.
+    intake_window: Annotated[int, Meta(ge=1, le=10_000)] = 64
+    #: Retention of the LAMA_TOPICS stream in seconds / bytes. Unset: 30 days and 8 GiB when the
+    #: stream is created, and whatever the stream has (an operator's edit) on later starts.
+    topics_max_age: Annotated[float, Meta(gt=0)] | None = None
+    topics_max_bytes: Annotated[int, Meta(gt=0)] | None = None
+    #: Turns of each topic's conversation kept in memory (the log keeps all; prompts use the tail).
+    history_cache_turns: Annotated[int, Meta(ge=2, le=100_000)] = 512
+    #: Seconds between round trips that check the NATS client still reads (3 misses: restart).
+    liveness_interval: Annotated[float, Meta(gt=0, le=600)] = 5.0
     #: Window in which JetStream drops a re-published message with the same id.
     duplicate_window: Annotated[float, Meta(ge=1, le=7 * 86400)] = 120.0
     #: Models kept loaded at once; the least recently used is unloaded beyond this.

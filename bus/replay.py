@@ -104,8 +104,8 @@ def _decode(msg) -> Record:  # noqa: ANN001 - a nats Msg
     try:
         event: TopicEvent | None = decode_topic_event(msg.data)
         error = None
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        event, error = None, str(exc)
+    except LamaError as exc:
+        event, error = None, exc.message
     return Record(seq=meta.sequence.stream, time=meta.timestamp, subject=msg.subject, event=event, error=error,
                   data=msg.data)
 

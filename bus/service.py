@@ -29,6 +29,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError
 from wire.messages import encode
 
@@ -49,43 +50,51 @@ class Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def error_reply(exc: LamaError) -> tuple[str, str, bytes]:
-    """(status, description, body) for a micro error reply."""
-    return str(exc.status), exc.message, encode(exc.to_body())
+    """(status, description, body) for a micro error reply.
+
+    The description travels as a header value: one line of printable ASCII, whatever the
+    message quotes from the request (the body keeps the message whole)."""
+    description = exc.message.encode("ascii", "backslashreplace").decode("ascii")
+    description = "".join(c if " " <= c <= "~" else " " for c in description)[:256]
+    return str(exc.status), description, encode(exc.to_body())
 
 
-validation_error = LamaError.from_validation
+ErrorHook = Callable[[LamaError], None]
 
 
 def boundary(request_type: type[Req], handler: Callable[[Req], Awaitable[Any]], *, name: str,
              concurrent: bool = False, task_group: TaskGroup | None = None,
-             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> Callable[[Request], Awaitable[None]]:
-    """The micro handler for one endpoint. ``concurrent`` needs ``task_group`` (see the module docstring)."""
+             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+             on_error: ErrorHook | None = None) -> Callable[[Request], Awaitable[None]]:
+    """The micro handler for one endpoint. ``concurrent`` needs ``task_group`` (see the module docstring).
+
+    ``on_error`` hears of every error this endpoint answers (``start_service`` feeds ``$SRV.STATS`` with it)."""
     if concurrent and task_group is None:
         raise ValueError(f"concurrent endpoint {name} needs a task group")
     decoder = msgspec.json.Decoder(request_type)
     in_flight = 0
 
+    async def answer_error(request: Request, exc: LamaError) -> None:
+        ERROR_COUNTS[f"{name}.{exc.code.value}"] += 1
+        if on_error is not None:
+            on_error(exc)
+        await _respond_error(request, exc)
+
     async def process(request: Request) -> None:
         try:
-            try:
-                payload = decoder.decode(request.data or b"{}")
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise validation_error(exc) from None
+            payload = decode_untrusted(decoder, request.data or b"{}")
             result = await handler(payload)
             await request.respond(encode(result))
         except LamaError as exc:
-            ERROR_COUNTS[f"{name}.{exc.code.value}"] += 1
-            await _respond_error(request, exc)
+            await answer_error(request, exc)
         except anyio.get_cancelled_exc_class():
             # The service is stopping: say so rather than leave the caller to time out.
-            ERROR_COUNTS[f"{name}.{ErrorCode.CANCELLED.value}"] += 1
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await _respond_error(request, LamaError(ErrorCode.CANCELLED, "the service is shutting down"))
+                await answer_error(request, LamaError(ErrorCode.CANCELLED, "the service is shutting down"))
             raise
         except Exception as exc:
-            ERROR_COUNTS[f"{name}.internal"] += 1
             log.exception("endpoint %s failed", name)
-            await _respond_error(request, LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            await answer_error(request, LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     async def run(request: Request) -> None:
         nonlocal in_flight
@@ -101,8 +110,7 @@ def boundary(request_type: type[Req], handler: Callable[[Req], Awaitable[Any]], 
             return
         assert task_group is not None
         if in_flight >= max_in_flight:
-            ERROR_COUNTS[f"{name}.{ErrorCode.BUSY.value}"] += 1
-            await _respond_error(request, LamaError(
+            await answer_error(request, LamaError(
                 ErrorCode.BUSY, f"{name}: {in_flight} requests are running; try again shortly",
                 in_flight=in_flight, max_in_flight=max_in_flight))
             return
@@ -149,9 +157,30 @@ async def start_service(nc: Client, api_prefix: str, endpoints: list[Endpoint],
                                 description="lamabus: local LLM chat on NATS")
     for ep in endpoints:
         subject = ep.subject(api_prefix)
+        stats = _EndpointErrors()
         await service.add_endpoint(
             name=ep.micro_name, subject=subject,
             handler=boundary(ep.request_type, ep.handler, name=subject, concurrent=ep.concurrent,
-                             task_group=task_group, max_in_flight=ep.max_in_flight),
+                             task_group=task_group, max_in_flight=ep.max_in_flight, on_error=stats.count),
             metadata={"description": ep.description} if ep.description else None)
+        stats.endpoint = service._endpoints[-1]
     return service
+
+
+class _EndpointErrors:
+    """Feeds ``num_errors``/``last_error`` of ``$SRV.STATS``.
+
+    nats.micro counts an error only when the handler raises, and then answers it
+    with a bare status and no body. Our boundary answers every error itself (with
+    the ``{code, message}`` body the contract promises) and never raises, so it
+    keeps the endpoint's figures here instead. They are private fields of
+    nats-py's Endpoint (pinned in pyproject); ``tests/test_api_boundary.py``
+    reads them back through ``$SRV.STATS``, so an upgrade that renames them fails there.
+    """
+
+    endpoint: Any = None
+
+    def count(self, exc: LamaError) -> None:
+        if self.endpoint is not None:
+            self.endpoint._num_errors += 1
+            self.endpoint._last_error = f"{exc.code.value}: {exc.message}"

@@ -49,6 +49,11 @@ class Subjects:
         return f"{self.prefix}.topic.*.cancel"
 
     @property
+    def rejected(self) -> str:
+        """``message.rejected`` for messages whose topic subject cannot carry an answer."""
+        return f"{self.prefix}.rejected"
+
+    @property
     def stream_name(self) -> str:
         # One stream per prefix, so two lamabus deployments can share a broker.
         suffix = "" if self.prefix == "lama" else "_" + self.prefix.replace(".", "_").replace("-", "_").upper()

@@ -19,6 +19,7 @@ from typing import Any, Union
 import msgspec
 
 from engine.types import GenerateRequest, GenerationResult, ModelConfig
+from wire.decoding import decode_untrusted
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
@@ -131,6 +132,16 @@ command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(Command)
 event_encoder = msgspec.msgpack.Encoder()
 event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+def decode_command(body: bytes | memoryview) -> Command:
+    """A frame body from the parent; a corrupt one is a ``bad_request`` LamaError (the pipe is then closed)."""
+    return decode_untrusted(command_decoder, body)
+
+
+def decode_event(body: bytes | memoryview) -> Event:
+    """A frame body from a worker; a corrupt one is a ``bad_request`` LamaError (the worker is then killed)."""
+    return decode_untrusted(event_decoder, body)
 
 
 def frame(encoder: msgspec.msgpack.Encoder, msg: msgspec.Struct) -> bytes:

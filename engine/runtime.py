@@ -44,7 +44,7 @@ from engine.protocol import (
     Started,
     Stats,
     command_encoder,
-    event_decoder,
+    decode_event,
     frame,
 )
 from engine.types import GenerateRequest, GenerationResult, ModelConfig, TokenChunk
@@ -182,7 +182,7 @@ class _Worker:
         assert self.proc is not None and self.proc.stdout is not None
         reader = self.proc.stdout
         buf = bytearray()
-        unpack, hsize, decode = HEADER.unpack_from, HEADER.size, event_decoder.decode
+        unpack, hsize, decode = HEADER.unpack_from, HEADER.size, decode_event
         try:
             # Read whatever the pipe holds and dispatch every complete frame: one wake-up per
             # write of the worker (it writes all of a decode step's events at once).

@@ -49,7 +49,7 @@ from engine.protocol import (
     Shutdown,
     Started,
     Stats,
-    command_decoder,
+    decode_command,
     event_encoder,
 )
 from engine.types import GenerateRequest, GenerationResult, ModelConfig
@@ -174,7 +174,7 @@ class Worker:
                 body = self._read_exact(n)
                 if body is None:
                     break
-                cmd = command_decoder.decode(body)
+                cmd = decode_command(body)
                 if isinstance(cmd, Cancel):
                     self.cancelled.add(cmd.gid)
                 self.commands.put(cmd)

@@ -62,6 +62,9 @@ class Delivery(Protocol):
 
     async def in_progress(self) -> None: ...
 
+    async def retry_later(self) -> None:
+        """Hand the message back to the transport to be delivered again soon; never raises."""
+
 
 class AssistantSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent_topics: int = 8
@@ -79,6 +82,8 @@ class _Job:
     delivery: Delivery
     accepted_at: float
     cancelled: bool = False
+    #: The engine has finished; a cancel from here on cannot stop the reply.
+    finishing: bool = False
 
 
 @dataclass(eq=False)
@@ -142,9 +147,12 @@ class Assistant:
             return
         ahead = self._queued[model.model_id]
         if ahead >= self.settings.max_queue_per_model:
+            # Only reached when the intake's window is set above this bound. Nothing is recorded,
+            # so the same message id is answered when it comes again under a new Nats-Msg-Id.
             await self._fail(message, LamaError(
-                ErrorCode.BUSY, f"model {model.model_id} has {ahead} requests waiting; try again later",
-                model_id=model.model_id, queued=ahead), delivery)
+                ErrorCode.BUSY, f"model {model.model_id} has {ahead} requests waiting; try again later "
+                f"(re-publish with a new Nats-Msg-Id header, e.g. {message.id}.retry1)",
+                model_id=model.model_id, queued=ahead, retryable=True), delivery)
             return
         self._queued[model.model_id] += 1
         job = _Job(message, model, delivery, accepted_at=_now_ms())
@@ -186,11 +194,12 @@ class Assistant:
                 try:
                     await self._answer(job)
                 except Exception:
-                    # Recording or publishing failed (the broker away, ...): leave the delivery
-                    # unacknowledged, so it is redelivered after ack_wait and answered then (a
-                    # recorded reply is re-published with its id). The lane and the service go on.
+                    # Recording or publishing failed (the broker away, ...): hand the message back,
+                    # so it is delivered again and answered then (a recorded reply is re-published
+                    # with its id). The lane and the service go on.
                     self.counters["errors"] += 1
-                    log.exception("answering %s in %s failed; left for redelivery", job.message.id, topic)
+                    log.exception("answering %s in %s failed; handed back for redelivery", job.message.id, topic)
+                    await job.delivery.retry_later()
                 finally:
                     lane.current = None
                     self._queued[job.model.model_id] -= 1
@@ -211,13 +220,19 @@ class Assistant:
             async with self._limiter:
                 result = await self._generate(job)
         except LamaError as exc:
+            if job.cancelled:  # e.g. the model failed to load after the person had given up waiting
+                await self._cancelled(job, text="", tokens=0)
+                return
             await self._fail(message, exc, job.delivery)
             return
         except Exception as exc:  # the boundary: one bad job never kills the lane
             log.exception("generation for %s in %s failed", message.id, message.topic)
             await self._fail(message, LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"), job.delivery)
             return
-        if result.cancelled:
+        if result is None:  # cancelled before the engine took it
+            await self._cancelled(job, text="", tokens=0)
+            return
+        if result.cancelled or job.cancelled:
             await self._cancelled(job, text=result.text, tokens=result.tokens)
             return
         model = job.model
@@ -235,27 +250,51 @@ class Assistant:
         await job.delivery.ack()
         self.counters["answered"] += 1
 
-    async def _generate(self, job: _Job) -> GenerationResult:
+    async def _generate(self, job: _Job) -> GenerationResult | None:
+        """The engine's result, or None when the job was cancelled before the engine took it.
+
+        A cancel can come at any point: while the job waits for a topic slot, while the
+        history is read, while the model loads (the engine does not know the request yet,
+        so ``runtime.cancel`` finds nothing to stop). ``job.cancelled`` is looked at after
+        each of those waits, and the engine is told as soon as the request reaches it.
+        """
         message, model = job.message, job.model
-        started = _now_ms()
+        if job.cancelled:
+            return None
         history = await self.directory.history(message.topic)
+        if job.cancelled:
+            return None
         turns = (ChatTurn("system", model.system_prompt or self.settings.system_prompt), *history,
                  ChatTurn("user", message.text))
         request = GenerateRequest(request_id=message.id, sampling=SamplingParams.resolve(message.params, model.params),
                                   messages=turns, conversation=message.topic)
         seq = 0
         result: GenerationResult | None = None
+        told_engine = silent = False
         async for item in self.runtime.generate_stream(model, request):
+            if job.cancelled and not told_engine:
+                told_engine = True
+                await self.runtime.cancel(message.id)
+                # Cancelled before anything was shown: show nothing of it. Once tokens are out,
+                # the rest the engine makes before it stops belongs to the partial text.
+                silent = seq == 0
             if isinstance(item, TokenChunk):
+                if silent:
+                    continue
                 await self.publisher.token(GenerationToken(
                     request_id=message.id, topic=message.topic, author_id=model.person_id, seq=seq,
                     text=item.text, channel=item.channel))
                 seq += 1
             else:
+                job.finishing = True
                 result = item
         if result is None:
             raise LamaError(ErrorCode.INTERNAL, "the engine ended a stream without a result")
-        timing = msgspec.structs.replace(result.timing, queue_time=max(0.0, started - job.accepted_at))
+        if silent:
+            return None
+        # The whole wait from acceptance to the engine starting on it: topic lane, topic slot,
+        # model load and the engine's own queue (the engine stamps when it started).
+        timing = msgspec.structs.replace(result.timing, queue_time=max(0.0, result.timing.start_time - job.accepted_at))
         return msgspec.structs.replace(result, timing=timing)
 
     async def _cancelled(self, job: _Job, *, text: str, tokens: int) -> None:
@@ -284,9 +323,12 @@ class Assistant:
             return CancelReply(topic=topic, cancelled=False, request_id=request_id)
         current = lane.current
         if current is not None and request_id in (None, current.message.id):
+            if current.finishing:  # the reply is being recorded and posted: too late
+                return CancelReply(topic=topic, cancelled=False, request_id=current.message.id)
             current.cancelled = True
-            done = await self.runtime.cancel(current.message.id)
-            return CancelReply(topic=topic, cancelled=done, request_id=current.message.id)
+            # Stops it now if the engine has it; otherwise _generate stops it when it gets there.
+            await self.runtime.cancel(current.message.id)
+            return CancelReply(topic=topic, cancelled=True, request_id=current.message.id)
         for job in lane.jobs:
             if job.message.id == request_id:
                 job.cancelled = True  # answered with an empty cancellation when its turn comes

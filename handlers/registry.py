@@ -62,7 +62,7 @@ from storage.events import (
     model_stream,
     topic_stream,
 )
-from storage.projections import LLM, Projections, TopicRoom, Turn
+from storage.projections import DEFAULT_HISTORY_TURNS, LLM, Projections, TopicRoom, Turn
 from storage.sqlite import SqliteEventStore
 from storage.store import ANY, NO_STREAM, AppendRequest, EventStore, NewEvent
 from wire.errors import ErrorCode, LamaError
@@ -145,12 +145,12 @@ class Registry:
 
     def __init__(self, store: EventStore, model_dirs: Sequence[str | os.PathLike[str]] = (), *,
                  clock: Callable[[], float] = time.time, creator: str = "lamabus",
-                 owns_store: bool = False) -> None:
+                 owns_store: bool = False, history_turns: int = DEFAULT_HISTORY_TURNS) -> None:
         self.store = store
         self.model_dirs = [Path(d).expanduser().resolve() for d in model_dirs]
         self.clock = clock
         self.creator = creator
-        self.view = Projections()
+        self.view = Projections(history_turns)
         self._owns_store = owns_store
         self._lock = anyio.Lock()
 
@@ -713,9 +713,12 @@ class RegistryDirectory:
         view = self.registry.view
         ev = view.reply_to(topic, message_id)
         if ev is None:
-            if view.has_seen(topic, message_id) and any(
-                    t.message_id == message_id and t.unanswered for t in view.history.get(topic, ())):
+            if view.settled_unanswered(topic, message_id):
                 return RecordedReply(reply=None, completed=None)  # settled without a reply (cancelled, ...)
+            if view.has_replied(topic, message_id):
+                # Answered so long ago that the reply's text left the cache: settle it without
+                # publishing again (the broker's copy was acknowledged long since).
+                return RecordedReply(reply=None, completed=None)
             return None
         return RecordedReply(reply=reply_message(topic, ev), completed=completed_event(topic, ev))
 

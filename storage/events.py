@@ -21,6 +21,7 @@ from typing import Literal, Union
 
 import msgspec
 
+from wire.decoding import decode_untrusted
 from wire.messages import Timing, Usage
 from wire.params import GenerationParams, ModelParams
 
@@ -189,4 +190,5 @@ def encode_event(event: DomainEvent) -> bytes:
 
 
 def decode_event(data: bytes) -> DomainEvent:
-    return _decoder.decode(data)
+    """Whatever the bytes, a failure is a ``bad_request`` LamaError (see wire.decoding)."""
+    return decode_untrusted(_decoder, data)

@@ -8,6 +8,7 @@ from the log gives exactly the state that was kept incrementally
 
 from __future__ import annotations
 
+import collections
 from datetime import UTC, datetime
 
 import msgspec
@@ -83,29 +84,46 @@ class RegistryState(msgspec.Struct, frozen=True):
     topics: dict[str, TopicRoom]
     history: dict[str, tuple[Turn, ...]]
     seen: dict[str, frozenset[str]]
+    unanswered: dict[str, frozenset[str]]
     replies: dict[str, dict[str, TopicReplyPosted]]
     ai_person_ids: frozenset[str]
 
 
-class Projections:
-    """The registry's read models, kept by applying stored events in position order."""
+#: Turns of a topic's conversation kept in memory unless told otherwise.
+DEFAULT_HISTORY_TURNS = 512
 
-    def __init__(self) -> None:
+
+class Projections:
+    """The registry's read models, kept by applying stored events in position order.
+
+    Memory is bounded per topic where text is kept: the last ``history_turns`` turns
+    and the reply events of those turns (the log keeps everything; prompts only use the
+    tail). The message ids a topic has seen, answered or settled without a reply are
+    kept whole: they are what makes an answer exactly-once, and an id is small.
+    """
+
+    def __init__(self, history_turns: int = DEFAULT_HISTORY_TURNS) -> None:
+        self.history_turns = history_turns
         self.position = 0
         self.event_count = 0
         self.active_model_id: str | None = None
         self.models: dict[str, LLM] = {}
         self.topics: dict[str, TopicRoom] = {}
-        self.history: dict[str, list[Turn]] = {}
+        self.history: dict[str, collections.deque[Turn]] = {}
         self.seen: dict[str, set[str]] = {}
-        # topic -> user message id -> the reply event (kept whole: a redelivery republishes it)
+        # Settled without a reply (cancelled, failed to record, ...): never answered later.
+        self.unanswered: dict[str, set[str]] = {}
+        # topic -> user message id -> the reply event (kept whole: a redelivery republishes it);
+        # the oldest go once a topic holds more than history_turns of them.
         self.replies: dict[str, dict[str, TopicReplyPosted]] = {}
+        self.replied: dict[str, set[str]] = {}
         # Every identity a model of ours ever spoke with, removed models included: never answer those.
         self.ai_person_ids: set[str] = set()
 
     @classmethod
-    async def rebuild(cls, store: EventStore, page_size: int = 5000) -> "Projections":
-        view = cls()
+    async def rebuild(cls, store: EventStore, page_size: int = 5000,
+                      history_turns: int = DEFAULT_HISTORY_TURNS) -> "Projections":
+        view = cls(history_turns)
         async for stored in store.iter_all(0, page_size):
             view.apply(stored)
         return view
@@ -120,6 +138,7 @@ class Projections:
             topics=dict(self.topics),
             history={t: tuple(h) for t, h in self.history.items()},
             seen={t: frozenset(s) for t, s in self.seen.items()},
+            unanswered={t: frozenset(s) for t, s in self.unanswered.items()},
             replies={t: dict(r) for t, r in self.replies.items()},
             ai_person_ids=frozenset(self.ai_person_ids),
         )
@@ -135,14 +154,18 @@ class Projections:
 
     def has_replied(self, topic: str, message_id: str) -> bool:
         """True once a reply to ``message_id`` in ``topic`` is recorded (the redelivery guard)."""
-        return message_id in self.replies.get(topic, ())
+        return message_id in self.replied.get(topic, ())
+
+    def settled_unanswered(self, topic: str, message_id: str) -> bool:
+        """True once ``message_id`` is recorded as handled without a reply (cancelled, ...)."""
+        return message_id in self.unanswered.get(topic, ())
 
     def reply_to(self, topic: str, message_id: str) -> TopicReplyPosted | None:
         return self.replies.get(topic, {}).get(message_id)
 
     def conversation(self, topic: str, limit: int | None = None) -> list[Turn]:
-        turns = self.history.get(topic, [])
-        return list(turns[-limit:] if limit else turns)
+        turns = list(self.history.get(topic, ()))
+        return turns[-limit:] if limit else turns
 
     # -- the fold
 
@@ -201,6 +224,12 @@ class Projections:
             m = replace(m, deleted=True, active=False, modified=at)
         self.models[model_id] = m
 
+    def _turns(self, topic: str) -> collections.deque[Turn]:
+        turns = self.history.get(topic)
+        if turns is None:
+            turns = self.history[topic] = collections.deque(maxlen=self.history_turns)
+        return turns
+
     def _apply_topic(self, topic: str, version: int, ev: DomainEvent) -> None:
         at = ev.at
         room = self.topics.get(topic)
@@ -216,15 +245,21 @@ class Projections:
         elif isinstance(ev, TopicSystemPromptSet):
             room = replace(room, system_prompt=ev.system_prompt, modified=at)
         elif isinstance(ev, TopicMessageSeen):
-            self.history.setdefault(topic, []).append(
+            self._turns(topic).append(
                 Turn(ev.message_id, ev.author_id, ev.text, False, sent_at=ev.sent_at, unanswered=ev.unanswered))
             self.seen.setdefault(topic, set()).add(ev.message_id)
+            if ev.unanswered:
+                self.unanswered.setdefault(topic, set()).add(ev.message_id)
             room = replace(room, message_count=room.message_count + 1, modified=at)
         elif isinstance(ev, TopicReplyPosted):
-            self.history.setdefault(topic, []).append(
+            self._turns(topic).append(
                 Turn(ev.message_id, ev.author_id, ev.text, True, sent_at=ev.sent_at, reply_to=ev.reply_to,
                      model_id=ev.model_id))
-            self.replies.setdefault(topic, {})[ev.reply_to] = ev
+            replies = self.replies.setdefault(topic, {})
+            replies[ev.reply_to] = ev
+            if len(replies) > self.history_turns:
+                del replies[next(iter(replies))]  # dicts keep insertion order: the oldest reply
+            self.replied.setdefault(topic, set()).add(ev.reply_to)
             room = replace(room, reply_count=room.reply_count + 1, modified=at)
         self.topics[topic] = room
 

@@ -8,7 +8,7 @@ import nats
 import pytest
 
 from bus.client import raise_for_error
-from bus.service import ERROR_COUNTS, Endpoint, boundary, start_service, validation_error
+from bus.service import ERROR_COUNTS, Endpoint, boundary, start_service
 from wire.errors import ErrorCode, LamaError
 
 PREFIX = "t.api"
@@ -154,7 +154,7 @@ class Outer(msgspec.Struct):
 def test_validation_error_names_the_missing_field_path():
     with pytest.raises(msgspec.ValidationError) as exc:
         msgspec.json.decode(b'{"params": {}}', type=Outer)
-    err = validation_error(exc.value)
+    err = LamaError.from_validation(exc.value)
     assert err.code is ErrorCode.BAD_REQUEST and err.details == {"field": "$.params.x"}
 
 

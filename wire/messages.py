@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta
 
+from wire.decoding import decode_untrusted
 from wire.errors import ErrorBody
 from wire.params import GenerationParams
 
@@ -148,7 +149,8 @@ _encoder = msgspec.json.Encoder()
 
 
 def decode_topic_event(data: bytes) -> TopicEvent:
-    return _topic_decoder.decode(data)
+    """Any topic payload; whatever the bytes, a failure is a ``bad_request`` LamaError."""
+    return decode_untrusted(_topic_decoder, data)
 
 
 def encode(obj: Any) -> bytes:
