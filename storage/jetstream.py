@@ -84,6 +84,7 @@ H_VERSION = "Lama-Version"
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_STREAM_NAME_IN_USE = 10058
 _ERR_WRONG_LAST_SEQUENCE = 10071
+_ERR_BATCH_INCOMPLETE = 10176  # also what a batch over the server's in-flight limit gets: nothing stored, try again
 
 _SAFE = re.compile(rb"[A-Za-z0-9_-]")
 
@@ -176,6 +177,11 @@ class JetStreamEventStore(EventStore):
         if nc is not None and self._url is not None and not nc.is_closed:
             await nc.close()
 
+    def _connection_closed(self) -> LamaError:
+        if self._closed:
+            return LamaError(ErrorCode.INTERNAL, "event store is closed")
+        return LamaError(ErrorCode.INTERNAL, "the event store's NATS connection is closed")
+
     def _client(self) -> Client:
         if self._nc is None:
             raise LamaError(ErrorCode.INTERNAL, "event store is not open; use 'async with' or await open()")
@@ -196,6 +202,8 @@ class JetStreamEventStore(EventStore):
                     return resp
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError):
                 pass
+            except nats.errors.ConnectionClosedError:
+                raise self._connection_closed() from None
             if time.monotonic() >= deadline:
                 raise LamaError(ErrorCode.TIMEOUT, f"JetStream did not answer {subject} within {self.timeout}s",
                                 subject=subject)
@@ -401,9 +409,9 @@ class JetStreamEventStore(EventStore):
                 if outcome.error is None:
                     return self._results(prepared, base, outcome.last_seq - total + 1)
                 err = outcome.error
-                fenced = err.get("err_code") == _ERR_WRONG_LAST_SEQUENCE or "wrong last sequence" in str(
-                    err.get("description", ""))
-                if not fenced and err.get("code") not in (None, 408, 503):
+                fenced = err.get("err_code") == _ERR_WRONG_LAST_SEQUENCE
+                transient = err.get("code") in (None, 408, 503) or err.get("err_code") == _ERR_BATCH_INCOMPLETE
+                if not fenced and not transient:
                     raise LamaError(ErrorCode.INTERNAL, f"JetStream refused the append: {err.get('description')}",
                                     jetstream_error=err.get("err_code"))
                 if err.get("code") is None and unanswered_after is None:
@@ -456,6 +464,8 @@ class JetStreamEventStore(EventStore):
             return _Outcome(error={"description": "no reply to the batch commit"})
         except nats.errors.NoRespondersError:
             return _Outcome(error={"code": 503, "description": "no stream leader"})
+        except nats.errors.ConnectionClosedError:
+            raise self._connection_closed() from None
         ack = json.loads(reply.data)
         if ack.get("error"):
             return _Outcome(error=ack["error"])

@@ -436,6 +436,24 @@ class TestJetStreamEventStore(EventStoreContract):
         finally:
             await nc.close()
 
+    async def test_a_commit_whose_ack_is_lost_is_found_not_written_twice(self, store, monkeypatch):
+        from storage.jetstream import _Outcome
+
+        publish = type(store)._publish
+        calls: list[int] = []
+
+        async def lose_the_first_ack(self, messages):
+            outcome = await publish(self, messages)
+            calls.append(outcome.last_seq)
+            return _Outcome(error={"description": "no reply to the batch commit"}) if len(calls) == 1 else outcome
+
+        monkeypatch.setattr(type(store), "_publish", lose_the_first_ack)
+        result = await store.append("model-a", [used(1), used(2)], NO_STREAM)
+        assert calls == [2]  # committed once; the store looked again instead of sending it twice
+        assert result.positions == (1, 2) and result.last_version == 2
+        assert not result.duplicate  # this call did write them
+        assert await store.last_position() == 2
+
     async def test_stream_ids_with_subject_characters_round_trip(self, store: EventStore):
         odd = ["model-a.b", "topic-*", "x >y", "é~7E", "~", "a" * 200]
         for i, sid in enumerate(odd):
