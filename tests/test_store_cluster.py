@@ -39,7 +39,8 @@ async def stream_leader(nc, stream: str) -> str:
             await anyio.sleep(0.1)  # no leader elected yet; ask again
 
 
-async def test_replicated_store_shares_the_log_and_survives_a_killed_server(cluster: NatsCluster):
+@pytest.mark.parametrize("victim", ["stream-leader", "writer-server"])
+async def test_replicated_store_shares_the_log_and_survives_a_killed_server(cluster: NatsCluster, victim: str):
     writer_nc, reader_nc = await connect(cluster, 1), await connect(cluster, 2)
     try:
         async with JetStreamEventStore(writer_nc, replicas=3) as writer, \
@@ -77,10 +78,13 @@ async def test_replicated_store_shares_the_log_and_survives_a_killed_server(clus
                         await reader.append("model-a", [TopicCreated(at=0)], 4)
                     assert exc.value.code is ErrorCode.CONFLICT
 
-                    # Kill the server that leads the stream: a new leader must be elected from the survivors.
-                    leader = await stream_leader(writer_nc, writer.stream)
-                    victim = next(n.index for n in cluster.nodes if n.name == leader)
-                    await cluster.kill(victim)
+                    # The stream's leader: a new one must be elected from the survivors. The writer's own server:
+                    # its connection fails over to another, the append in flight is retried without duplicating.
+                    if victim == "stream-leader":
+                        leader = await stream_leader(writer_nc, writer.stream)
+                        await cluster.kill(next(n.index for n in cluster.nodes if n.name == leader))
+                    else:
+                        await cluster.kill(1)
 
                     goal, wanted = 11, anyio.Event()
                     for i in range(5):
