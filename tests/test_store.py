@@ -379,6 +379,23 @@ class TestJetStreamEventStore(EventStoreContract):
             # The loser's rejected batch used up no sequence: positions stay gapless.
             assert (await b.append("model-b", [used(3)])).positions == (3,)
 
+    async def test_two_connections_appending_any_interleave_without_gaps_or_doubles(self, nats_url: str):
+        from storage.jetstream import JetStreamEventStore
+
+        async with JetStreamEventStore(nats_url) as a, JetStreamEventStore(nats_url) as b:
+            async def writer(store: EventStore, name: str) -> None:
+                for i in range(10):
+                    await store.append("model-a", [NewEvent(used(i), f"{name}-{i}")])  # ANY: no version check
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(writer, a, "a")
+                    tg.start_soon(writer, b, "b")
+            for store in (a, b):
+                stream = await store.read_stream("model-a")
+                assert [(e.version, e.position) for e in stream] == [(i, i) for i in range(1, 21)]
+                assert sorted(e.event_id for e in stream) == sorted(f"{n}-{i}" for n in "ab" for i in range(10))
+
     async def test_follow_on_one_connection_sees_the_others_appends(self, nats_url: str):
         from storage.jetstream import JetStreamEventStore
 
