@@ -41,6 +41,7 @@ from wire.api import (
     LlmReleased,
     LlmResult,
     LlmToken,
+    MetricsReply,
     ModelActivate,
     ModelGet,
     ModelImport,
@@ -373,6 +374,12 @@ class Api:
             },
         }
 
+    async def metrics(self, _: Empty) -> MetricsReply:
+        if self.svc.metrics is None:
+            raise LamaError(ErrorCode.NOT_FOUND, "metrics are off on this node (metrics = \"off\")")
+        body, content_type = self.svc.metrics.exposition()
+        return MetricsReply(content_type=content_type, text=body.decode())
+
     # ------------------------------------------------------------------ the table
 
     def endpoints(self) -> list[Endpoint]:
@@ -408,6 +415,7 @@ class Api:
             ep("llm", "cancel", LlmCancel, self.llm_cancel, "stop a running llm.generate/generate_stream"),
             ep("llm", "release", LlmRelease, self.llm_release, "release a handle", concurrent=True),
             ep("", "diagnostics", Empty, self.diagnostics, "what the service holds and how it is doing"),
+            ep("", "metrics", Empty, self.metrics, "Prometheus metrics in the text exposition format"),
         ]
 
 

@@ -24,6 +24,7 @@ from bus.config import Settings
 from bus.connection import connect, wait_until_deaf
 from bus.embedded import EmbeddedNatsServer
 from bus.intake import StreamLimits, TopicIntake
+from bus.metrics import MetricsServer, metrics_for
 from bus.publisher import NatsPublisher
 from bus.service import error_reply, start_service
 from bus.subjects import Subjects
@@ -32,6 +33,7 @@ from engine.runtime import Engine
 from handlers.assistant import Assistant, AssistantSettings
 from handlers.catalog import bundled_model_path
 from handlers.engine_runtime import EngineRuntime
+from handlers.metrics import ServiceMetrics
 from handlers.models_runtime import ModelsRuntime
 from handlers.registry import Registry, RegistryDirectory
 from wire.decoding import decode_untrusted
@@ -72,6 +74,8 @@ class LamabusService:
         self.assistant: Assistant | None = None
         self.intake: TopicIntake | None = None
         self.web: WebServer | None = None  # the chat page
+        self.metrics: ServiceMetrics | None = None  # None when settings.metrics is "off"
+        self.metrics_http: MetricsServer | None = None
         self._stack = contextlib.AsyncExitStack()
         self._tg: TaskGroup | None = None
 
@@ -124,9 +128,12 @@ class LamabusService:
             else:
                 await self.registry.ensure_bundled(path)
         self.engine = await stack.enter_async_context(Engine())
+        self.metrics, metrics_http = metrics_for(s)
         self.models = await stack.enter_async_context(
-            ModelsRuntime(self.registry, self.engine, max_loaded=s.max_loaded_models, keep_alive=s.keep_alive))
+            ModelsRuntime(self.registry, self.engine, max_loaded=s.max_loaded_models, keep_alive=s.keep_alive,
+                          on_load=self.metrics.model_load if self.metrics else None))
         publisher = NatsPublisher(self.nc, js, self.subjects)
+        publisher = self.metrics.publisher(publisher) if self.metrics else publisher
         self.assistant = await stack.enter_async_context(Assistant(
             RegistryDirectory(self.registry), EngineRuntime(self.models, self.engine), publisher,
             AssistantSettings(max_concurrent_topics=s.max_concurrent_topics, max_queue_per_model=s.max_queue_per_model,
@@ -136,6 +143,8 @@ class LamabusService:
         self.intake = TopicIntake(js, self.subjects, self.assistant.submit, ack_wait=s.ack_wait,
                                   duplicate_window=s.duplicate_window, window=s.intake_window,
                                   limits=StreamLimits(max_age=s.topics_max_age, max_bytes=s.topics_max_bytes))
+        if self.metrics:
+            self.metrics.observe(assistant=self.assistant, engine=self.engine, models=self.models, intake=self.intake)
 
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(self._tg.cancel_scope.cancel)  # runs before the task group exits
@@ -151,6 +160,8 @@ class LamabusService:
         self._tg.start_soon(self._watch_client)
         if (web := web_server_for(s, self.embedded.ws_url if self.embedded else None)) is not None:
             self.web = await stack.enter_async_context(web)
+        if metrics_http is not None:
+            self.metrics_http = await stack.enter_async_context(metrics_http)
         log.info("lamabus ready on %s (prefix %r, data %s)", self.url, s.prefix, s.data_path)
 
     async def _close_nats(self) -> None:

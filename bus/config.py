@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     nats_ws_url: Annotated[str, Meta(pattern=r"^wss?://")] | None = None
     #: Port the embedded broker's WebSocket listener tries first; a free one if taken.
     embedded_ws_port: Annotated[int, Meta(ge=0, le=65535)] = 4223
+    #: Prometheus metrics: ``bus`` (recorded, answered on ``<prefix>.api.metrics``), ``HOST:PORT``
+    #: (also served over HTTP at ``/metrics``; port 0 or a taken one: a free port), or ``off``.
+    metrics: Annotated[str, Meta(pattern=r"^(off|bus|[^\s]+:[0-9]{1,5})$")] = "bus"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property
@@ -110,6 +113,19 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         """Where the running service leaves the chat page's URL."""
         return self.data_path / "web.url"
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the HTTP ``/metrics`` listener, or ``None`` when there is none."""
+        if self.metrics in ("off", "bus"):
+            return None
+        host, port = self.metrics.rsplit(":", 1)
+        return host.strip("[]"), int(port)
+
+    @property
+    def metrics_url_file(self) -> Path:
+        """Where the running service leaves the URL of its ``/metrics``."""
+        return self.data_path / "metrics.url"
+
 
 #: Environment variable for each setting that can come from the environment.
 ENVIRONMENT: dict[str, str] = {
@@ -121,6 +137,7 @@ ENVIRONMENT: dict[str, str] = {
     "model_dirs": "LAMABUS_MODEL_DIRS",  # os.pathsep-separated
     "web": "LAMABUS_WEB",
     "nats_ws_url": "LAMABUS_NATS_WS_URL",
+    "metrics": "LAMABUS_METRICS",
 }
 CONFIG_FILE_ENV = "LAMABUS_CONFIG"
 

@@ -312,3 +312,13 @@ class LlmCancel(_Request, tag="llm.cancel"):
 class LlmCancelReply(_Reply, tag="llm.cancel.reply"):
     request_id: str
     cancelled: bool
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+class MetricsReply(_Reply, tag="metrics"):
+    """``<prefix>.api.metrics``: this node's Prometheus metrics, the same text ``/metrics`` serves."""
+
+    content_type: str
+    text: str
