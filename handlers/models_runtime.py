@@ -57,10 +57,12 @@ class ModelsRuntime:
     recently used model that no generation is using (``busy`` if all are in use).
     ``keep_alive``: seconds of idleness before a model is unloaded; 0 = never.
     ``clock``: monotonic seconds (injectable for tests of the idle rule).
+    ``on_load``: told ``(model_id, "loaded" | "failed")`` after each load this runtime tries (metrics).
     """
 
     def __init__(self, registry: Registry, engine: EnginePort, *, max_loaded: int = 2, keep_alive: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_load: Callable[[str, str], None] | None = None) -> None:
         if max_loaded < 1:
             raise LamaError(ErrorCode.BAD_REQUEST, "max_loaded must be at least 1", max_loaded=max_loaded)
         self.registry = registry
@@ -68,6 +70,7 @@ class ModelsRuntime:
         self.max_loaded = max_loaded
         self.keep_alive = keep_alive
         self.clock = clock
+        self.on_load = on_load or (lambda model_id, outcome: None)
         self._loaded: dict[str, LoadedModel] = {}
         self._lock = anyio.Lock()
         self._changed = anyio.Event()
@@ -174,9 +177,11 @@ class ModelsRuntime:
         try:
             handle = await self.engine.initialize(config)
         except LamaError as exc:
+            self.on_load(model_id, "failed")
             await self.registry.record_load_failed(model_id, exc)
             raise
         except Exception as exc:
+            self.on_load(model_id, "failed")
             err = LamaError(ErrorCode.MODEL_LOAD_FAILED, f"loading {model_id} failed: {type(exc).__name__}: {exc}",
                             model_id=model_id)
             await self.registry.record_load_failed(model_id, err)
@@ -193,6 +198,7 @@ class ModelsRuntime:
             with anyio.CancelScope(shield=True):
                 await self.engine.release(handle)
             raise
+        self.on_load(model_id, "loaded")
         return loaded
 
     # ------------------------------------------------------------------ unload
