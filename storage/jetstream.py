@@ -28,13 +28,16 @@ How the contract of ``storage.store`` maps onto JetStream, and why:
   last sequence and waits until the feed has applied that far: reads see every
   commit that finished before them, on any node, and ``follow`` wakes as soon
   as the feed delivers another node's commit.
-* Idempotent retries do not rest on ``Nats-Msg-Id`` (atomic batches refuse that
-  header, and its window is finite anyway): the in-memory log knows every id
-  ever stored, and the fence makes the look-up safe. A retry whose original
-  committed after our look-up was fenced out by that same commit (same
-  subject); it re-reads, finds the ids and returns the original positions. The
-  one case the fence cannot see is the same event id appended concurrently to
-  two *different* event streams, which is a caller error to begin with.
+* Idempotent retries do not rest on ``Nats-Msg-Id``, whose memory ends with
+  the stream's duplicate window: the in-memory log knows every id ever stored,
+  and the fence makes the look-up safe. A retry whose original committed after
+  our look-up was fenced out by that same commit (same subject); it looks
+  again, finds the ids and returns the original positions. The fence cannot
+  see the same event id appended concurrently to two *different* event
+  streams (a caller error to begin with); for that, every message also carries
+  its event id as ``Nats-Msg-Id``, and the server rejects a batch holding an id
+  it stored within the window (2.15; servers that refuse the header in batches
+  get batches without it).
 * Memory: the log lives in every handle, as in a projection rebuild; the
   registry is small (model and topic events), and reading it whole at start is
   what the projections do anyway.
@@ -80,11 +83,14 @@ H_BATCH_COMMIT = "Nats-Batch-Commit"
 H_EVENT_ID = "Lama-Event-Id"
 H_TYPE = "Lama-Event-Type"
 H_VERSION = "Lama-Version"
+H_MSG_ID = "Nats-Msg-Id"
 
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_STREAM_NAME_IN_USE = 10058
 _ERR_WRONG_LAST_SEQUENCE = 10071
 _ERR_BATCH_INCOMPLETE = 10176  # also what a batch over the server's in-flight limit gets: nothing stored, try again
+_ERR_BATCH_UNSUPPORTED_HEADER = 10177  # 2.12's answer to Nats-Msg-Id in a batch
+_ERR_BATCH_DUPLICATE_MSG_ID = 10201
 
 _SAFE = re.compile(rb"[A-Za-z0-9_-]")
 
@@ -138,6 +144,7 @@ class JetStreamEventStore(EventStore):
         self._feed_task: asyncio.Task[None] | None = None
         self._feed_error: BaseException | None = None
         self._opened = False
+        self._msg_ids = True  # until the server says it takes no Nats-Msg-Id in a batch
 
     # -- lifecycle
 
@@ -409,7 +416,11 @@ class JetStreamEventStore(EventStore):
                 if outcome.error is None:
                     return self._results(prepared, base, outcome.last_seq - total + 1)
                 err = outcome.error
-                fenced = err.get("err_code") == _ERR_WRONG_LAST_SEQUENCE
+                if err.get("err_code") == _ERR_BATCH_UNSUPPORTED_HEADER and self._msg_ids:
+                    self._msg_ids = False
+                    continue
+                # A duplicate id is a fence too: one of ours is stored somewhere, and looking again says where.
+                fenced = err.get("err_code") in (_ERR_WRONG_LAST_SEQUENCE, _ERR_BATCH_DUPLICATE_MSG_ID)
                 transient = err.get("code") in (None, 408, 503) or err.get("err_code") == _ERR_BATCH_INCOMPLETE
                 if not fenced and not transient:
                     raise LamaError(ErrorCode.INTERNAL, f"JetStream refused the append: {err.get('description')}",
@@ -433,6 +444,8 @@ class JetStreamEventStore(EventStore):
             last_seq = stream[-1].position if stream else 0
             for i, (event_id, etype, data) in enumerate(p.items):
                 headers = {H_EVENT_ID: event_id, H_TYPE: etype, H_VERSION: str(version + i + 1)}
+                if self._msg_ids:
+                    headers[H_MSG_ID] = event_id
                 if i == 0:
                     headers[H_EXPECTED_SUBJECT_SEQ] = str(last_seq)
                 out.append((self.subject(p.stream_id), data, headers))

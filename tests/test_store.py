@@ -396,6 +396,32 @@ class TestJetStreamEventStore(EventStoreContract):
                 assert [(e.version, e.position) for e in stream] == [(i, i) for i in range(1, 21)]
                 assert sorted(e.event_id for e in stream) == sorted(f"{n}-{i}" for n in "ab" for i in range(10))
 
+    async def test_an_id_stored_by_another_connection_unseen_yet_is_still_refused(self, nats_url: str, monkeypatch):
+        from storage.jetstream import JetStreamEventStore
+
+        async with JetStreamEventStore(nats_url) as a, JetStreamEventStore(nats_url) as b:
+            sync = JetStreamEventStore._sync
+            stale = [b]
+
+            async def sync_unless_stale(self):
+                # b's first look misses a's commit: what a concurrent writer sees in the worst interleaving.
+                if self in stale:
+                    stale.remove(self)
+                    return
+                await sync(self)
+
+            await a.append("model-a", [NewEvent(used(1), "e-1")])
+            monkeypatch.setattr(JetStreamEventStore, "_sync", sync_unless_stale)
+            # As if b's feed had not got there yet (it notices the gap at its next heartbeat and refills).
+            for index in (b._rows, b._streams, b._by_id):
+                index.clear()
+            with pytest.raises(LamaError) as exc:
+                # Another stream, so no fence on model-a: the broker's duplicate id check refuses it instead.
+                await b.append("model-b", [NewEvent(used(2), "e-1")])
+            assert exc.value.code is ErrorCode.CONFLICT
+            assert exc.value.details["stream_id"] == "model-a"
+            assert await b.last_position() == 1
+
     async def test_follow_on_one_connection_sees_the_others_appends(self, nats_url: str):
         from storage.jetstream import JetStreamEventStore
 
