@@ -45,7 +45,7 @@ ENDPOINTS = {
     "models.list", "models.get", "models.import", "models.pull", "models.update", "models.activate",
     "models.remove", "models.load", "models.unload", "catalog.list", "topics.create", "topics.get", "topics.list",
     "topics.bind", "topics.update", "llm.initialize", "llm.generate", "llm.generate_stream", "llm.cancel", "llm.release",
-    "diagnostics",
+    "diagnostics", "metrics",
 }
 
 
