@@ -51,7 +51,6 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import anyio
