@@ -497,6 +497,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     TopicUpdate,
         CatalogList,
         CatalogReply,
+        MetricsReply,
         ModelActivate,
         ModelGet,
         ModelImport,
@@ -627,6 +628,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
              "service's incrementally kept state (counts, position, every record)",
              lambda a, s: anyio.run(_rebuild, a, s), timeout_help="seconds to wait for the service (default 10)")
     p.add_argument("--offline", action="store_true", help="do not ask a running service; only rebuild")
+
+    leaf(sub, "metrics", "this node's Prometheus metrics, the text /metrics serves (lama.api.metrics)", _api(
+        "metrics", lambda a: None, MetricsReply, lambda r: print(r.text, end="")))
 
     diag = sub.add_parser("diagnostics", help="what the running service holds and how it is doing (JSON)")
     common(diag)

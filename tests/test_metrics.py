@@ -184,8 +184,9 @@ async def test_counters_move_by_what_happened_reply_cancel_rejection_failure(ser
     assert delta(http, bus) == {} and delta(bus, http) == {}
 
 
-async def test_metrics_off_and_bus_only(tmp_path: Path, nats_url: str):
+async def test_metrics_off_and_bus_only(tmp_path: Path, nats_url: str, capsys):
     from bus.app import LamabusService
+    from bus.cli import main
     from bus.client import LamabusClient
     from bus.config import Settings
     from tests.conftest import entered_in_own_task
@@ -199,6 +200,14 @@ async def test_metrics_off_and_bus_only(tmp_path: Path, nats_url: str):
                 if mode == "bus":
                     samples = await scrape_bus(client)
                     assert value(samples, "lamabus_requests_total", model="", outcome="rejected") == 0
+                    # `lamabus metrics` prints the same text.
+                    capsys.readouterr()
+                    argv = ["metrics", "--nats-url", nats_url, "--prefix", settings.prefix]
+                    assert await anyio.to_thread.run_sync(main, argv) == 0
+                    printed = parse(capsys.readouterr().out)
+                    assert value(printed, "lamabus_requests_total", model="", outcome="rejected") == 0
+                    assert {k for k in printed if not k[0].endswith("_created")} == {
+                        k for k in samples if not k[0].endswith("_created")}
                 else:
                     with pytest.raises(LamaError) as exc:
                         await scrape_bus(client)
