@@ -300,3 +300,38 @@ def test_openmetrics_when_asked():
     body, content_type = ServiceMetrics().exposition("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     assert body.decode().rstrip().endswith("# EOF")
+
+
+def test_gauges_are_read_when_scraped():
+    class Assistant:
+        def stats(self) -> dict[str, Any]:
+            return {"lanes": {"a": {"running": "q1", "queued": 2}, "b": {"running": "q2", "queued": 0}},
+                    "queued_per_model": {"m": 4, "n": 1}}
+
+    class Loaded:
+        model_id, handle = "m", "h1"
+
+    class Models:
+        def loaded(self) -> list[Loaded]:
+            return [Loaded()]
+
+    class Engine:
+        def diagnostics(self) -> dict[str, Any]:
+            return {"models": [{"handles": ["h1"], "path": "/x/m.gguf",
+                                "context": {"nCtxPerSequence": 1000, "nSeqMax": 4},
+                                "worker": {"slots": [{"tokens": 300}, {"tokens": 100}, {"tokens": 0}]}}]}
+
+    class Intake:
+        rejected = 3
+
+    metrics = ServiceMetrics()
+    metrics.started(GenerationStarted(request_id="q1", topic="a", author_id="ai", model_id="m"))
+    metrics.started(GenerationStarted(request_id="q2", topic="b", author_id="ai", model_id="n"))
+    metrics.observe(assistant=Assistant(), engine=Engine(), models=Models(), intake=Intake())
+    s = parse(metrics.exposition()[0].decode())
+    assert value(s, "lamabus_requests_running", model="m") == 1
+    assert value(s, "lamabus_requests_waiting", model="m") == 3
+    assert value(s, "lamabus_requests_running", model="n") == 1
+    assert value(s, "lamabus_requests_waiting", model="n") == 0
+    assert value(s, "lamabus_engine_kv_cache_usage_ratio", model="m") == pytest.approx(0.1)
+    assert value(s, "lamabus_requests_total", model="", outcome="rejected") == 3
