@@ -13,6 +13,8 @@
 #   LAMABUS_VENV    where the virtual environment goes (default ./.venv)
 #   LAMABUS_EXTRAS  pip extras of lamabus to install (default "dev"; empty for none)
 #   LAMABUS_EDITABLE 1 (default) installs the checkout in editable mode; 0 copies it
+#   LAMABUS_GPU     cuda: build llama.cpp with its CUDA backend too (adds -DGGML_CUDA=ON; needs the CUDA
+#                   toolkit's nvcc). The flags are part of the cache key, so a CUDA wheel is cached apart.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,6 +23,11 @@ cd "$here"
 PYTHON="${PYTHON:-python3.11}"
 LLAMA_CPP_VERSION="$(sed -n 's/^llama-cpp-python==\([0-9.]*\).*/\1/p' requirements-llama.txt)"
 LLAMA_CMAKE_ARGS="${LAMABUS_LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF}"
+case "${LAMABUS_GPU:-}" in
+    "") ;;
+    cuda) LLAMA_CMAKE_ARGS="$LLAMA_CMAKE_ARGS -DGGML_CUDA=ON" ;;
+    *) echo "LAMABUS_GPU=${LAMABUS_GPU}: only 'cuda' is known" >&2; exit 2 ;;
+esac
 
 VENV="${LAMABUS_VENV:-.venv}"
 EXTRAS="${LAMABUS_EXTRAS-dev}"
