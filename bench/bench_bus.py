@@ -117,6 +117,8 @@ class BusBenchConfig:
     profile: str = "auto"
     profile_seconds: float = 8.0
     workdir: str | None = None
+    #: Directory holding llama-server and llama-batched-bench (bench/llama_server_build.py); None: no peer.
+    llama_server_dir: str | None = None
     log: Callable[[str], None] = print
 
 
@@ -750,6 +752,8 @@ class BusBench:
                     batch_level = max(cfg.concurrency) if cfg.concurrency else 1
                     raw = self.raw = RawSide(cfg.model, threads, cfg.n_ctx, cfg.n_batch,
                                              max(1, batch_level))
+                    self.peer = await self._start_peer(threads, n_seq_max, int(model["context"]["nCtxPerSequence"]),
+                                                       int(model["context"]["nBatch"]))
                     # Warm every side once (page the weights in, build the caches).
                     self.direct.run(chat(essay("warm")), 8)
                     raw.run(chat(essay("warm")), 8)
@@ -769,6 +773,8 @@ class BusBench:
                     await self._maybe_profile()
                     await self._variants(threads)
                 finally:
+                    if getattr(self, "peer", None) is not None:
+                        await self.peer.stop()
                     self.service.stop()
                     await nc.close()
         except BaseException:
@@ -780,6 +786,20 @@ class BusBench:
                 raw.close()
             shutil.rmtree(work, ignore_errors=True)
         return self.results
+
+    async def _start_peer(self, threads: int, n_seq_max: int, n_ctx_seq: int, n_batch: int) -> Any:
+        """llama-server shaped like the engine, and llama-batched-bench (bench/peer_llama_server.py); None: no peer."""
+        if not self.cfg.llama_server_dir:
+            return None
+        from bench.peer_llama_server import LlamaPeer, ServerShape
+
+        peer = LlamaPeer(Path(self.cfg.llama_server_dir), self.cfg.model,
+                         ServerShape(threads=threads, parallel=n_seq_max, n_ctx_per_seq=n_ctx_seq, n_batch=n_batch),
+                         self.work / "llama-server.log")
+        await peer.start()
+        self.results["llama_server"] = peer.describe()
+        self.log(f"llama-server up: {peer.server.command_line()}")
+        return peer
 
     async def _wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -799,7 +819,8 @@ class BusBench:
         cfg, n = self.cfg, self.cfg.tokens
         # raw8: the raw loop in a context shaped like the engine's (n_seq_max sequences of n_ctx cells), so
         # bus ÷ raw8 is the bus's cost alone and raw8 ÷ raw the cost of that context shape.
-        order = ["bus", "direct", "raw", *(["raw8"] if self.raw.batched is not None else [])]
+        order = ["bus", "direct", "raw", *(["raw8"] if self.raw.batched is not None else []),
+                 *(["llama_server"] if self.peer is not None else [])]
         runs: dict[str, list[Run]] = {side: [] for side in order}
         mismatched = 0
         for rep in range(cfg.reps):
@@ -813,6 +834,8 @@ class BusBench:
                         got[side] = await self.bus.ask(f"speed-{rep}", user, greedy(n))
                 elif side == "direct":
                     got[side] = self.direct.run(chat(user), n)
+                elif side == "llama_server":
+                    got[side] = await self.peer.complete(self.raw.single.chat_prompt(chat(user)), n)
                 else:
                     got[side] = self.raw.run(chat(user), n, engine_context=side == "raw8")
             for side, r in got.items():
@@ -868,6 +891,9 @@ class BusBench:
         self.results["bus_over_direct_tps"] = ratio(tps("bus"), tps("direct"))
         self.results["bus_over_raw_tps"] = ratio(tps("bus"), tps("raw"))
         self.results["direct_over_raw_tps"] = ratio(tps("direct"), tps("raw"))
+        if "llama_server" in runs:
+            self.results["llama_server_one_stream_tps"] = tps("llama_server")
+            self.results["bus_over_llama_server_tps"] = ratio(tps("bus"), tps("llama_server"))
         if "raw8" in runs:
             self.results["bus_over_raw_engine_context_tps"] = ratio(tps("bus"), tps("raw8"))
             self.results["raw_engine_context_over_raw_tps"] = ratio(tps("raw8"), tps("raw"))
@@ -888,6 +914,7 @@ class BusBench:
         prompt: dict[int, list[int]] = defaultdict(list)
         pre: dict[int, list[float]] = defaultdict(list)
         engine: dict[int, list[float]] = defaultdict(list)
+        peer_ttft: dict[int, list[float]] = defaultdict(list)  # llama-server, its own replies as history, one slot
         # llama-cpp-python keeping its own KV cache across the turns (its longest-prefix reuse): what prefix
         # reuse gives without the bus. It evaluates the previous reply and the new message each turn.
         reusing = DirectSide(cfg.model, self.direct.n_threads, cfg.n_ctx, cfg.n_batch)
@@ -895,9 +922,15 @@ class BusBench:
         for rep in range(cfg.conv_reps):
             topic = f"conv-{rep}"
             history: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_PROMPT}]
+            peer_history = list(history)
             for turn in range(1, turns + 1):
                 user = conversation_turn(turn, rep)
                 b = await self.bus.ask(topic, user, greedy(n))
+                if self.peer is not None:
+                    peer_history.append({"role": "user", "content": user})
+                    p = await self.peer.complete(self.raw.single.chat_prompt(peer_history), n, id_slot=0)
+                    peer_ttft[turn].append(p.ttft_s * 1000)
+                    peer_history.append({"role": "assistant", "content": p.text})
                 msgs = [*history, {"role": "user", "content": user}]
                 reuse_ttft[turn].append(reusing.run(msgs, 1, reset=turn == 1).ttft_s * 1000)
                 # The no-reuse baseline: the same conversation, evaluated from an empty cache (at the turns the
@@ -918,7 +951,8 @@ class BusBench:
         per_turn = [{"turn": t, "bus_ttft_ms": median(bus_ttft[t]), "no_reuse_ttft_ms": median(fresh_ttft[t]),
                      "direct_reuse_ttft_ms": median(reuse_ttft[t]),
                      "prompt_tokens": median(prompt[t]), "cached_tokens": median(cached[t]),
-                     "bus_publish_to_engine_ms": median(pre[t]), "bus_engine_ttft_ms": median(engine[t])}
+                     "bus_publish_to_engine_ms": median(pre[t]), "bus_engine_ttft_ms": median(engine[t]),
+                     "llama_server_ttft_ms": median(peer_ttft[t])}
                     for t in range(1, turns + 1)]
         self.results["conversation"] = {"turns": turns, "tokens_per_turn": n, "reps": cfg.conv_reps,
                                         "per_turn": per_turn}
@@ -926,6 +960,9 @@ class BusBench:
         self.results["turn20_over_turn1_ttft_no_reuse"] = ratio(median(fresh_ttft[turns]), median(fresh_ttft[1]))
         self.results["turn20_over_turn1_ttft_direct_reuse"] = ratio(median(reuse_ttft[turns]), median(reuse_ttft[1]))
         self.results["turn20_ttft_bus_over_direct_reuse"] = ratio(median(bus_ttft[turns]), median(reuse_ttft[turns]))
+        if self.peer is not None:
+            self.results["llama_server_turn20_ttft_ms"] = median(peer_ttft[turns])
+            self.results["turn20_ttft_over_llama_server"] = ratio(median(bus_ttft[turns]), median(peer_ttft[turns]))
 
     # -- load-parameter variants: what flashAttention=off and a core left for the bus change --------------
 
@@ -990,6 +1027,7 @@ class BusBench:
         raw_agg: list[float] = []
         raw_prefill_s: list[float] = []
         raw_decode_tps: list[float] = []
+        peer: dict[str, list[Any]] = defaultdict(list)  # llama-server with k streams at once; llama-batched-bench
         for rep in range(cfg.reps):
             for k in cfg.concurrency:
                 users = [essay(f"{rep}-{k}-{i}-{uuid.uuid4().hex[:6]}") for i in range(k)]
@@ -1007,6 +1045,11 @@ class BusBench:
                     raw_prefill_s.append(rb["prefill_s"])
                     raw_decode_tps.append(rb["decode_tokens_per_s"])
                     line += f" | raw batched {raw_agg[-1]:.1f} tok/s"
+                if k == batch_level and k > 1 and self.peer is not None:
+                    line += " | " + await self.peer.measure_batch([self.raw.single.chat_prompt(chat(u)) for u in users],
+                                                                  len(self.raw.single.tokenize(
+                                                                      self.raw.single.chat_prompt(chat(users[0])))),
+                                                                  n, peer)
                 self.log(line)
         self.results["concurrency"] = [
             {"topics": k, "aggregate_tps": median(agg[k]), "ttft_p50_ms": percentile(ttfts[k], 50),
@@ -1017,6 +1060,8 @@ class BusBench:
                                        "prefill_s": median(raw_prefill_s), "decode_phase_tps": median(raw_decode_tps),
                                        "engine_n_seq_max": n_seq_max, "samples": raw_agg}
         self.results["batched8_over_raw_batched8"] = ratio(median(agg.get(batch_level, [])), median(raw_agg))
+        if self.peer is not None and peer:
+            self.results.update(self.peer.batch_results(peer, agg.get(batch_level, []), ttfts.get(batch_level, [])))
 
     # -- profile -------------------------------------------------------------------------------
 
@@ -1050,7 +1095,7 @@ class BusBench:
                                                               stderr=asyncio.subprocess.PIPE))
         await asyncio.sleep(0.5)
         deadline = time.monotonic() + secs
-        k = max(self.cfg.concurrency) if "batched8_over_raw_batched8" in self.results["profile"]["reason"] else 1
+        k = max(self.cfg.concurrency) if "batched8_over" in self.results["profile"]["reason"] else 1
         i = 0
         while time.monotonic() < deadline - 0.5:
             await self.bus.ask(f"profile-{i}", essay(f"p{i}"), greedy(self.cfg.tokens))

@@ -16,6 +16,8 @@ class Target:
     why: str
     #: The target is ``value`` times this other figure (a baseline measured in the same run).
     relative_to: str | None = None
+    #: When this other key was measured, that target replaces this one (a better anchor for the same question).
+    superseded_by: str | None = None
 
     def bound(self, results: dict[str, Any]) -> float | None:
         if self.relative_to is None:
@@ -49,7 +51,20 @@ TARGETS: tuple[Target, ...] = (
            "prefix cache", "<=", 1.0, "×",
            "this suite's: the same conversation against llama-cpp-python with its prefix cache"),
     Target("batched8_over_raw_batched8", "8 topics aggregate tok/s ÷ raw batched loop (n_seq_max=8)", ">=", 0.90, "×",
-           "issue 6: continuous batching through the bus, against llama.cpp's batched example loop"),
+           "issue 6: continuous batching through the bus, against llama.cpp's batched example loop",
+           superseded_by="batched8_over_batched_bench_decode"),
+    Target("batched8_over_batched_bench_decode", "8 topics aggregate tok/s ÷ llama-batched-bench's decode phase "
+           "(8 sequences)", ">=", 0.90, "×",
+           "issues 6 and 14: llama.cpp's own batched bench is the anchor (the raw loop was a weak one); the bus's "
+           "figure includes prompt evaluation and delivery, the anchor's decode phase does not"),
+    Target("bus_over_llama_server_tps", "One stream tok/s: lamabus ÷ llama-server", ">=", 1.0, "×",
+           "issue 14: llama-server is what a user would run instead, on the same machine"),
+    Target("batched8_over_llama_server", "8 concurrent streams, aggregate tok/s: lamabus ÷ llama-server -np 8", ">=",
+           1.0, "×", "issue 14"),
+    Target("turn20_ttft_over_llama_server", "TTFT at turn 20 of one conversation: lamabus ÷ llama-server "
+           "(cache_prompt, one slot)", "<=", 1.0, "×", "issue 14"),
+    Target("ttft_p95_8_topics_over_llama_server", "TTFT p95 with 8 at once: lamabus ÷ llama-server", "<=", 1.0, "×",
+           "issue 14"),
     Target("rss_8_over_1_topic", "RSS with 8 topics ÷ 1 topic (service + engine workers)", "<=", 1.25, "×",
            "one model is loaded once (one worker, one copy of the weights) however many topics use it"),
 )
@@ -68,8 +83,13 @@ def _value(results: dict[str, Any], key: str) -> float | None:
     return v if isinstance(v, (int, float)) else None
 
 
+def _superseded(t: Target, results: dict[str, Any]) -> bool:
+    return t.superseded_by is not None and _value(results, t.superseded_by) is not None
+
+
 def missed_targets(results: dict[str, Any]) -> list[str]:
-    return [t.key for t in TARGETS if (v := _value(results, t.key)) is not None and not t.met(v, results)]
+    return [t.key for t in TARGETS
+            if (v := _value(results, t.key)) is not None and not _superseded(t, results) and not t.met(v, results)]
 
 
 def observations(results: dict[str, Any]) -> list[str]:
@@ -152,6 +172,62 @@ def _target(t: Target, results: dict[str, Any]) -> str:
     return f"{sign} {t.value:g} ms" if t.unit == "ms" else f"{sign} {t.value:.2f}×"
 
 
+def beside_llama_server(results: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
+    """(measure, lamabus, llama-server, ratio key) rows of the side-by-side table."""
+    s = results.get("single_stream") or {}
+    conv = results.get("conversation") or {}
+    last = (conv.get("per_turn") or [{}])[-1]
+    eight = next((c for c in results.get("concurrency", []) if c.get("topics") == (results.get("llama_server_batch")
+                                                                                  or {}).get("streams")), {})
+    lb = results.get("llama_server_batch") or {}
+    return [
+        ("One stream, tok/s (128 tokens, EOS ignored)", (s.get("tps") or {}).get("bus"),
+         results.get("llama_server_one_stream_tps"), "bus_over_llama_server_tps"),
+        ("One stream, TTFT ms", (s.get("ttft_ms") or {}).get("bus"), (s.get("ttft_ms") or {}).get("llama_server"), ""),
+        (f"{lb.get('streams', 8)} streams at once, aggregate tok/s", eight.get("aggregate_tps"),
+         results.get("llama_server_8_streams_tps"), "batched8_over_llama_server"),
+        (f"{lb.get('streams', 8)} streams at once, TTFT p50 ms", eight.get("ttft_p50_ms"), lb.get("ttft_p50_ms"), ""),
+        (f"{lb.get('streams', 8)} streams at once, TTFT p95 ms", eight.get("ttft_p95_ms"), lb.get("ttft_p95_ms"),
+         "ttft_p95_8_topics_over_llama_server"),
+        (f"Turn {conv.get('turns', 20)} of a conversation, TTFT ms", last.get("bus_ttft_ms"),
+         results.get("llama_server_turn20_ttft_ms"), "turn20_ttft_over_llama_server"),
+    ]
+
+
+def _render_llama_server(results: dict[str, Any], w: Any) -> None:
+    info = results.get("llama_server")
+    w("## 3b. lamabus beside llama-server\n")
+    if not info:
+        w("Not measured in this run: `python -m bench --llama-server` builds llama.cpp's llama-server and "
+          "llama-batched-bench once (bench/llama_server_build.py) and measures them beside lamabus.\n")
+        return
+    w("llama.cpp's own server, built from the llama.cpp that the installed llama-cpp-python was built from "
+      f"({info.get('build', '?').replace(chr(10), '; ')}), started once, shaped like lamabus's engine and measured "
+      "interleaved with the other sides: same model, prompts (the engine's chat template, rendered by the raw "
+      "loop's renderer and sent to `/completion`), greedy sampling, seed, threads, context per sequence and "
+      "n_batch; `n_predict` with `ignore_eos`, `stream: true`, timed on the client like the bus (aiohttp on "
+      "loopback). The conversation goes to slot 0 with `cache_prompt` and the server's own replies as history.\n")
+    w(f"`{info.get('command')}`\n")
+    w("| Measure | lamabus | llama-server | lamabus ÷ llama-server | target | met? |")
+    w("|---|---|---|---|---|---|")
+    targets = {t.key: t for t in TARGETS}
+    for label, bus, peer, key in beside_llama_server(results):
+        t = targets.get(key)
+        v = results.get(key) if key else (bus / peer if isinstance(bus, (int, float)) and peer else None)
+        met = "—" if t is None or v is None else ("yes" if t.met(v, results) else "**NO**")
+        w(f"| {label} | {_n(bus)} | {_n(peer)} | {_n(v, '.3f')} | {_target(t, results) if t else '—'} | {met} |")
+    bb = results.get("batched_bench") or {}
+    w("")
+    if bb:
+        prefill = bb.get("prefill_s")
+        w(f"llama-batched-bench, {bb.get('sequences')} sequences (random prompt tokens of the bench prompt's length, "
+          f"no sampling): decode phase **{_n(bb.get('decode_tps'))} tok/s**, prompts "
+          f"{_n(prefill * 1000 if prefill is not None else None, '.0f')} ms, whole run {_n(bb.get('total_tps'))} "
+          f"tok/s (`llama-batched-bench {bb.get('command', '')}`). lamabus's {bb.get('sequences')}-topic aggregate "
+          f"÷ that decode phase: **{_n(results.get('batched8_over_batched_bench_decode'), '.3f')}**; the raw batched "
+          f"loop's own decode phase: {_n((results.get('raw_batched') or {}).get('decode_phase_tps'))} tok/s.\n")
+
+
 def render(results: dict[str, Any]) -> str:
     out: list[str] = []
     w = out.append
@@ -176,7 +252,10 @@ def render(results: dict[str, Any]) -> str:
     for t in TARGETS:
         v = _value(results, t.key)
         if v is None:
-            met = "not measured"
+            met = "not measured" + (" (needs `--llama-server`)" if "llama_server" in t.key or "batched_bench" in t.key
+                                    else "")
+        elif _superseded(t, results):
+            met = f"— (replaced by `{t.superseded_by}`)"
         elif t.met(v, results):
             met = "yes"
         else:
@@ -212,8 +291,9 @@ def render(results: dict[str, Any]) -> str:
     else:
         w("Every target with a measurement was met.\n")
     w("Targets: bus ÷ direct ≥ 1.0, bus ÷ raw ≥ 0.95, TTFT overhead ≤ 5 ms and turn 20 ÷ turn 1 ≤ 1.3 are "
-      "issue 5's; 8 topics ≥ 0.9 × raw batched is issue 6's; the others are this suite's, each with its reason in "
-      "`bench/report.py` (`TARGETS`).\n")
+      "issue 5's; 8 topics ≥ 0.9 × the batched anchor is issue 6's (the anchor is llama-batched-bench's decode "
+      "phase when it was measured, the raw batched loop otherwise); the four ÷ llama-server ratios are issue 14's; "
+      "the others are this suite's, each with its reason in `bench/report.py` (`TARGETS`).\n")
 
     # ---- machine, model, parameters
     w("## Machine\n")
@@ -340,6 +420,8 @@ def render(results: dict[str, Any]) -> str:
           f"{_n(prefill_s * 1000 if prefill_s is not None else None, '.0f')} ms; "
           f"then {_n(rb.get('decode_phase_tps'))} tok/s). lamabus ÷ raw batched: "
           f"**{_n(results.get('batched8_over_raw_batched8'), '.3f')}**.\n")
+
+    _render_llama_server(results, w)
 
     # ---- memory
     w("## 4. Memory\n")
