@@ -77,12 +77,21 @@ def client_url(settings: Settings) -> str:
         return "nats://127.0.0.1:4222"
 
 
+#: ``serve``'s exit status when its NATS client went deaf (sysexits' EX_TEMPFAIL: start me again).
+EXIT_CLIENT_DEAF = 75
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from bus.app import serve_forever
+    from bus.app import ClientDeaf, serve_forever
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    anyio.run(serve_forever, settings)
-    return 0
+    deaf = False
+    try:
+        anyio.run(serve_forever, settings)
+    except* ClientDeaf:
+        # Already logged where it was noticed; a supervisor (docker's restart policy, systemd) starts us again.
+        deaf = True
+    return EXIT_CLIENT_DEAF if deaf else 0
 
 
 def _chat(args: argparse.Namespace, settings: Settings) -> int:

@@ -72,13 +72,18 @@ class LamabusClient:
         if self._owns and not self.nc.is_closed:
             await self.nc.drain()
 
-    async def post(self, message: ChatMessage) -> None:
-        """Publish a chat message durably (JetStream), de-duplicated by its id."""
-        await self.js.publish(self.subjects.msg(message.topic), encode(message), headers={MSG_ID: message.id})
+    async def post(self, message: ChatMessage, *, attempt: int = 0) -> None:
+        """Publish a chat message durably (JetStream), de-duplicated by its id.
+
+        ``attempt`` > 0 re-sends a message that was answered ``busy``: the same message id (lamabus
+        answers it once) under a new broker de-duplication id, which the broker would otherwise
+        drop as a copy for its duplicate window."""
+        dedup = message.id if attempt == 0 else f"{message.id}.retry{attempt}"
+        await self.js.publish(self.subjects.msg(message.topic), encode(message), headers={MSG_ID: dedup})
 
     async def ask(self, topic: str, text: str, *, author_id: str = "user", model_id: str | None = None,
                   params: GenerationParams | None = None, message_id: str | None = None,
-                  timeout: float = 300.0) -> AsyncIterator[AskItem]:
+                  timeout: float = 300.0, attempt: int = 0) -> AsyncIterator[AskItem]:
         """Post ``text`` to ``topic`` and yield the reply as it streams.
 
         Yields ``generation.started``, then tokens in ``seq`` order, then the
@@ -100,7 +105,7 @@ class LamabusClient:
         try:
             # Subscriptions must be live on the server before the message can be answered.
             await self.nc.flush()
-            await self.post(message)
+            await self.post(message, attempt=attempt)
             async with asyncio.timeout(timeout):
                 while True:
                     event = await queue.get()

@@ -59,27 +59,44 @@ async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = 
 async def wait_until_deaf(nc: Client, *, interval: float = 5.0, timeout: float = 5.0, misses: int = 3) -> None:
     """Return once ``nc`` claims to be connected but has stopped reading from the server.
 
-    A round trip (PING, answered by PONG through the client's own read loop) that
-    fails ``misses`` times in a row while the client says it is connected means the
-    read loop is gone: nothing the client subscribed to will ever be delivered again.
-    While the client is reconnecting, nats-py is already on it, so that does not count.
+    Every ``interval`` the client sends a message to a subject only it subscribes to; if
+    that echo does not come back through its own read loop ``misses`` times in a row
+    while the client says it is connected, the read loop is gone and nothing it
+    subscribed to will be delivered again. (``flush`` cannot tell: nats-py answers it
+    without a round trip once its read loop has ended.) While the client is
+    reconnecting, nats-py is already on it, so that does not count.
     """
-    missed = 0
-    while True:
-        await anyio.sleep(interval)
-        if not nc.is_connected:
-            missed = 0
-            continue
-        try:
-            await nc.flush(timeout=timeout)
-        except Exception as exc:
+    echoed = anyio.Event()
+
+    async def on_echo(_msg: Any) -> None:
+        echoed.set()
+
+    subject = nc.new_inbox()
+    sub = await nc.subscribe(subject, cb=on_echo)
+    try:
+        missed = 0
+        while True:
+            await anyio.sleep(interval)
             if not nc.is_connected:
                 missed = 0
                 continue
+            echoed = anyio.Event()
+            try:
+                await nc.publish(subject, b"")
+            except Exception:  # disconnected in between: nats-py reconnects
+                continue
+            with anyio.move_on_after(timeout):
+                await echoed.wait()
+            if echoed.is_set() or not nc.is_connected:
+                missed = 0
+                continue
             missed += 1
-            log.warning("no answer from the broker to a round trip (%d of %d): %s", missed, misses,
-                        exc or type(exc).__name__)
+            log.warning("the broker's echo did not come back (%d of %d)", missed, misses)
             if missed >= misses:
                 return
-        else:
-            missed = 0
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass

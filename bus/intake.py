@@ -19,6 +19,7 @@ broker for later; no exception from one message leaves the fetch loop.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from typing import Awaitable, Callable
@@ -191,6 +192,11 @@ class TopicIntake:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         psub = await self._bind()
+        # JetStream stores a message published on ``<prefix>.topic.>.msg`` (the stream's ``*``
+        # matches the literal ``>`` token) but no consumer filtered on ``*.msg`` ever delivers
+        # it: it would be accepted and never answered. Core delivery does match it, so such a
+        # message is answered from a plain subscription instead, as it is published.
+        wildcards = await self.js._nc.subscribe(self.subjects.all_msg, cb=self._on_core_msg)
         task_status.started()
         try:
             while True:
@@ -213,6 +219,23 @@ class TopicIntake:
         finally:
             with anyio.CancelScope(shield=True):
                 await _unsubscribe(psub)
+                try:
+                    await wildcards.unsubscribe()
+                except Exception:  # gone with its connection
+                    pass
+
+    async def _on_core_msg(self, msg: Msg) -> None:
+        try:
+            if self.subjects.topic_of(msg.subject) != ">":
+                return  # the durable consumer delivers it
+            error = LamaError(ErrorCode.BAD_REQUEST, "invalid topic id '>': a NATS wildcard cannot name a topic",
+                              field="topic")
+            rejected = MessageRejected(topic=">", error=error.to_body(), message_id=_message_id_of(msg.data))
+            self.rejected += 1
+            digest = hashlib.sha256(msg.data).hexdigest()[:24]
+            await self.js.publish(self.subjects.rejected, encode(rejected), headers={MSG_ID: f"rejected.wild.{digest}"})
+        except Exception as exc:  # a callback that raises is only logged by nats-py; say what happened
+            log.warning("could not answer a message on %r: %s", msg.subject, exc)
 
     async def _rebind(self, old: JetStreamContext.PullSubscription) -> JetStreamContext.PullSubscription:
         try:

@@ -164,3 +164,21 @@ def test_a_concurrent_endpoint_needs_a_task_group():
 
     with pytest.raises(ValueError, match="task group"):
         boundary(Gate, handler, name="x", concurrent=True)
+
+
+async def test_srv_stats_count_the_errors_the_boundary_answers(nc):
+    """nats.micro counts only errors a handler raises; ours answers them itself, and $SRV.STATS still counts them."""
+    fx = Fixture()
+    async with anyio.create_task_group() as tg:
+        service = await start_service(nc, PREFIX, [Endpoint("", "gate", Gate, fx.handler),
+                                                   Endpoint("", "other", Gate, fx.handler)], tg)
+        for payload in (b'{"nope": 1}', b"\xff\xfe", b'{"boom": true}'):
+            with pytest.raises(LamaError):
+                await call(nc, "gate", payload)
+        assert await call(nc, "gate", b'{"open": true}') == {"opened": True}
+        stats = msgspec.json.decode((await nc.request("$SRV.STATS.lamabus", b"", timeout=5)).data)
+        by_name = {e["name"]: e for e in stats["endpoints"]}
+        assert by_name["gate"]["num_requests"] == 4 and by_name["gate"]["num_errors"] == 3
+        assert by_name["gate"]["last_error"].startswith("internal: RuntimeError")
+        assert by_name["other"]["num_errors"] == 0
+        await service.stop()
