@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--web", metavar="ADDR",
                        help="serve the chat page on HOST:PORT, or 'off' (default 127.0.0.1:8080; env LAMABUS_WEB)")
+    serve.add_argument("--metrics", metavar="ADDR",
+                       help="Prometheus: HOST:PORT also serves /metrics; 'bus' (default) only lama.api.metrics; "
+                            "'off' (env LAMABUS_METRICS)")
     serve.add_argument("--nats-ws-url", metavar="URL",
                        help="the external broker's NATS WebSocket URL, for the page (env LAMABUS_NATS_WS_URL)")
     serve.set_defaults(run=_serve)
@@ -63,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    flags = {k: getattr(args, k, None) for k in ("nats_url", "data_dir", "prefix", "log_level", "web", "nats_ws_url")}
+    flags = {k: getattr(args, k, None) for k in ("nats_url", "data_dir", "prefix", "log_level", "web", "nats_ws_url",
+                                                   "metrics")}
     return load_settings(flags, config_file=getattr(args, "config", None))
 
 

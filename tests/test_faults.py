@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -297,6 +298,30 @@ async def test_serve_killed_mid_generation_answers_once_after_restart(serve, nc,
     completed = assert_answered_once(await stored(js, topic), topic, message.id)
     assert completed.tokens > 0 and completed.text
     assert await service.stop() == 0, service.log_tail()
+
+
+async def test_with_default_settings_a_restarted_node_answers_within_seconds(tmp_path, nats_url, nc, js):
+    """Quick recovery (issue 16): the message a killed node was working on is answered soon after
+    the restart, not after a long ack_wait. Default settings, only the log level set."""
+    config = tmp_path / "defaults.toml"
+    config.write_text('[lamabus]\nlog_level = "info"\n')
+    service = ServeProcess(nats_url, tmp_path / "data", config)
+    try:
+        topic = "recover"
+        await service.start()
+        message = chat(topic, COUNTING)
+        await first_token(nc, topic, message.id, lambda: post(js, message))
+        await service.kill()
+        killed = time.monotonic()
+        await service.start()
+        ended = await wait_end(js, topic, message.id)
+        recovery = time.monotonic() - killed
+        assert isinstance(ended, GenerationCompleted), ended
+        # Within the default ack_wait (plus the restart and the generation), far below the old 30 s.
+        assert recovery < Settings().ack_wait + 15, recovery
+        assert await service.stop() == 0, service.log_tail()
+    finally:
+        await service.aclose()
 
 
 # -- (e) durable intake: posted while lamabus is down ---------------------------------
