@@ -5,8 +5,11 @@ Knows nothing of NATS or SQLite. See ``engine.runtime.Engine`` for the one API.
 Modules:
 
 * ``runtime``  - ``Engine``: handles, refcounted models, worker supervision, restarts, diagnostics.
-* ``worker``   - ``python -m engine.worker``: one model + one context per process; continuous batching.
-* ``protocol`` - length-prefixed msgpack frames between the two (tagged msgspec Structs).
+* ``worker``   - ``python -m engine.worker``: one model + one context per process; the admit/decode/sample loop.
+* ``binding``  - the worker's llama.cpp binding: load, vocabulary, chat template, samplers, batch decode.
+* ``scheduler``- sequence slots (pure): prefix reuse, consecutive running ids, what each decode step holds.
+* ``protocol`` - length-prefixed msgpack frames between the two (tagged msgspec Structs), read and written
+  by the same code on both ends.
 * ``gguf``     - GGUF header reader (model info without weights; precise diagnosis of broken files).
 * ``memory``   - memory prediction (weights + KV + compute) against MemAvailable / cgroup limits.
 * ``chat``     - chat templates from GGUF metadata (jinja2, ChatML fallback) and history fitting.

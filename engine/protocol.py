@@ -9,12 +9,17 @@ stream). Each direction has one Encoder and one Decoder, built once.
 Generations are addressed by ``gid``, a per-worker integer the parent assigns;
 the caller's ``request_id`` stays on the parent side, so a request id may be
 reused the moment its previous generation has ended.
+
+Both ends cut frames with :class:`FrameReader` (the parent from an asyncio stream,
+the worker from a blocking fd) and the worker writes with :class:`FrameWriter`.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-from typing import Any, Union
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar, Union
 
 import msgspec
 
@@ -147,3 +152,68 @@ def decode_event(body: bytes | memoryview) -> Event:
 def frame(encoder: msgspec.msgpack.Encoder, msg: msgspec.Struct) -> bytes:
     body = encoder.encode(msg)
     return HEADER.pack(len(body)) + body
+
+
+T = TypeVar("T")
+
+
+class FrameReader(Generic[T]):
+    """Bytes in as they arrive, whole decoded frames out; a partial frame waits for the rest.
+
+    Reading whatever the pipe holds and cutting every complete frame from it costs one
+    wake-up per write of the other end (the worker writes all of a decode step's events
+    at once), not one per frame.
+    """
+
+    def __init__(self, decode: Callable[[memoryview], T]) -> None:
+        self._decode = decode
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[T]:
+        """The frames ``data`` completes, decoded one by one as they are taken.
+
+        Lazily, so that a corrupt frame raises only after the frames before it were handled.
+        """
+        self._buf += data
+        return self._frames()
+
+    def _frames(self) -> Iterator[T]:
+        buf = self._buf
+        unpack, hsize, decode = HEADER.unpack_from, HEADER.size, self._decode
+        pos, end = 0, len(buf)
+        try:
+            while end - pos >= hsize:
+                (n,) = unpack(buf, pos)
+                if n > MAX_FRAME:
+                    raise ValueError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+                if end - pos - hsize < n:
+                    break
+                # the view dies with the decode, so the buffer can be trimmed below
+                msg = decode(memoryview(buf)[pos + hsize : pos + hsize + n])
+                pos += hsize + n
+                yield msg
+        finally:
+            del buf[:pos]
+
+
+class FrameWriter:
+    """Frames collected during a step and written in one go (one wake-up for the reader)."""
+
+    def __init__(self, fd: int, encoder: msgspec.msgpack.Encoder) -> None:
+        self.fd = fd
+        self._encode = encoder.encode
+        self._out: list[bytes] = []
+
+    def add(self, msg: msgspec.Struct) -> None:
+        body = self._encode(msg)
+        self._out.append(HEADER.pack(len(body)))
+        self._out.append(body)
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        data = memoryview(b"".join(self._out))
+        self._out.clear()
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]

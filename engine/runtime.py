@@ -31,11 +31,11 @@ import msgspec
 from engine.gguf import ModelInfo, read_model_info
 from engine.memory import MemoryAvailable, MemoryPrediction, MemoryProbe, available_memory, fits, predict_memory
 from engine.protocol import (
-    HEADER,
     Cancel,
     Chunk,
     Done,
     Failed,
+    FrameReader,
     Generate,
     Load,
     Loaded,
@@ -181,24 +181,15 @@ class _Worker:
     async def _read_events(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         reader = self.proc.stdout
-        buf = bytearray()
-        unpack, hsize, decode = HEADER.unpack_from, HEADER.size, decode_event
+        frames: FrameReader[Any] = FrameReader(decode_event)
+        dispatch = self._dispatch
         try:
-            # Read whatever the pipe holds and dispatch every complete frame: one wake-up per
-            # write of the worker (it writes all of a decode step's events at once).
             while True:
                 data = await reader.read(1 << 16)
                 if not data:
                     break
-                buf += data
-                pos, end = 0, len(buf)
-                while end - pos >= hsize:
-                    (n,) = unpack(buf, pos)
-                    if end - pos - hsize < n:
-                        break
-                    self._dispatch(decode(memoryview(buf)[pos + hsize : pos + hsize + n]))
-                    pos += hsize + n
-                del buf[:pos]
+                for ev in frames.feed(data):
+                    dispatch(ev)
         except Exception as exc:  # a corrupt frame: treat the worker as broken
             log.error("engine worker %s: bad event stream: %r", self.pid, exc)
             if self.proc.returncode is None:
