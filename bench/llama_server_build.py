@@ -47,8 +47,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARIES = ("llama-server", "llama-batched-bench")
+#: The wheel's flags (install.sh) and a tools build: no libcurl, no web UI download, no tests or examples; the
+#: tools' own libraries (common, the server's and the bench's code) static, so the binaries stand alone.
 BASE_FLAGS = ("-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-              "-DLLAMA_BUILD_EXAMPLES=OFF")
+              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF")
 
 
 def llama_cpp_version(requirements: Path = ROOT / "requirements-llama.txt") -> str:
@@ -143,8 +145,6 @@ def build(jobs: int | None = None, log=print, mode: str = "wheel") -> dict[str, 
     if mode == "wheel" and lib is None:
         log("the installed llama-cpp-python has no shared libraries to link: building everything from source")
         mode = "source"
-    if mode == "source":
-        flags = (*flags, "-DBUILD_SHARED_LIBS=OFF")
     dest = cache_dir(version, cmake_flags(), mode)
     have = cached_binaries(dest)
     if have:
@@ -171,6 +171,8 @@ def build(jobs: int | None = None, log=print, mode: str = "wheel") -> dict[str, 
             if found is None:
                 raise RuntimeError(f"the build produced no {name}")
             shutil.copy2(found, partial / name)
+            # It must start here, outside the build tree (every library it needs found).
+            subprocess.run([str(partial / name), "--version"], check=True, timeout=60, capture_output=True)
         (partial / "build-info.txt").write_text(
             f"llama-cpp-python {version} (vendor/llama.cpp)\ncmake flags: {' '.join(flags)} "
             f"-DCMAKE_BUILD_TYPE=Release\n"

@@ -144,12 +144,45 @@ def observations(results: dict[str, Any]) -> list[str]:
                    "tokens (the *reused* column); what grows is attention over the cached history, which llama.cpp's "
                    "CPU flash-attention kernel does at a higher cost per cached token than its plain path. "
                    "docs/operations.md gives the trade-off (flash attention decodes short contexts faster).")
+    out.extend(_llama_server_observations(results))
     ratio8 = derived(results).get("rss_8_over_1_topic")
     pred = (results.get("engine") or {}).get("memory_predicted_mb") or {}
     if ratio8 is not None and ratio8 < 1.05:
         kv = f" ({pred['kvCacheBytes']:.0f} MiB predicted)" if pred.get("kvCacheBytes") else ""
         out.append(f"Memory: 1 and 8 topics cost about the same RSS: the worker's KV cells for all its sequences{kv} "
                    "are allocated (and cleared, so resident) when the model loads, not per topic.")
+    return out
+
+
+def _llama_server_observations(results: dict[str, Any]) -> list[str]:
+    """Where lamabus stands against llama-server, in sentences (only what this run measured)."""
+    out: list[str] = []
+    s = results.get("single_stream") or {}
+    bus, peer = (s.get("tps") or {}).get("bus"), results.get("llama_server_one_stream_tps")
+    per_tok = s.get("cpu_ms_per_bus_token") or {}
+    if bus and peer:
+        gap = 1000 / bus - 1000 / peer
+        others = sum(v for k, v in per_tok.items() if k != "engine_worker" and v)
+        out.append(f"One stream beside llama-server: lamabus {bus:.1f} tok/s, llama-server {peer:.1f} "
+                   f"({'lamabus ahead' if gap < 0 else 'lamabus behind'} by {abs(gap):.2f} ms per token). The service, "
+                   f"the broker and the client spent {others:.2f} ms of CPU per token in the bus runs; llama-server "
+                   "does its per-token work (sampling, detokenizing, the HTTP chunk) in its own process, so on a "
+                   "machine whose cores all decode, both interrupt the decode threads, lamabus with three processes.")
+    lb = results.get("llama_server_batch") or {}
+    eight = next((c for c in results.get("concurrency", []) if c.get("topics") == lb.get("streams")), None)
+    if eight and lb.get("ttft_p95_ms"):
+        out.append(f"{lb['streams']} at once: lamabus TTFT p50/p95 {_n(eight.get('ttft_p50_ms'), '.0f')}/"
+                   f"{_n(eight.get('ttft_p95_ms'), '.0f')} ms, llama-server {_n(lb.get('ttft_p50_ms'), '.0f')}/"
+                   f"{_n(lb.get('ttft_p95_ms'), '.0f')} ms. Both put newcomers' prompt tokens into the same llama_batch "
+                   "as the running decodes (up to n_batch per step), so with 8 arriving together each first token "
+                   "waits for the prompts admitted with it; what differs is the path to the engine (JetStream "
+                   "intake, registry, worker pipe against one HTTP request) and how the 8 are spread over steps.")
+    fa, peer20 = results.get("flash_attention_off") or {}, results.get("llama_server_turn20_ttft_ms")
+    if isinstance(fa.get("turn20_ttft_ms"), (int, float)) and peer20:
+        out.append(f"Turn {(results.get('conversation') or {}).get('turns', 20)} with the model's flashAttention off: "
+                   f"{fa['turn20_ttft_ms']:.1f} ms through lamabus, {fa['turn20_ttft_ms'] / peer20:.3f} of llama-server "
+                   f"with its default (auto, {peer20:.1f} ms); with lamabus's default: "
+                   f"{_n(results.get('turn20_ttft_over_llama_server'), '.3f')}.")
     return out
 
 
