@@ -11,7 +11,11 @@ from datetime import datetime, timezone
 import anyio
 import pytest
 
+from bus.app import LamabusService
+from bus.client import LamabusClient
+from bus.config import Settings
 from bus.intake import CONSUMER
+from tests.conftest import entered_in_own_task
 from wire.messages import ChatMessage, GenerationCompleted, GenerationFailed, decode_topic_event
 from wire.params import GenerationParams
 
@@ -20,7 +24,16 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 ONE_TOKEN = GenerationParams(max_tokens=1, temperature=0.0)
 
 
-async def test_a_burst_of_1000_over_50_topics_is_answered_in_order(service, client):
+async def test_a_burst_of_1000_over_50_topics_is_answered_in_order(tmp_path, nats_url):
+    # Each topic's history stays short, so 1,000 prompts cost what 1,000 short questions cost:
+    # this is about the intake, not about prefill.
+    settings = Settings(nats_url=nats_url, data_dir=str(tmp_path / "data"), history_cache_turns=2)
+    async with entered_in_own_task(LamabusService(settings)) as service, \
+            LamabusClient.connect(service.url, prefix=settings.prefix) as client:
+        await _burst(service, client)
+
+
+async def _burst(service, client) -> None:
     topics = [f"burst-{i}" for i in range(50)]
     posted: dict[str, list[str]] = collections.defaultdict(list)
     answered: dict[str, list[str]] = collections.defaultdict(list)

@@ -6,7 +6,7 @@ import anyio
 from nats.aio.client import Client
 
 from bus.connection import connect, wait_until_deaf
-from tests.hostile import RawPublisher
+from bench.hostile import RawPublisher
 
 
 async def _poison(url: str, subject: bytes) -> None:

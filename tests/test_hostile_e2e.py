@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from bus.intake import CONSUMER
-from tests.hostile import RawPublisher, api_payloads, cancel_payloads, topic_payloads
+from bench.hostile import RawPublisher, api_payloads, cancel_payloads, topic_payloads
 from wire.errors import ErrorCode
 from wire.messages import CancelReply, GenerationCompleted, MessageRejected, decode_topic_event
 from wire.params import GenerationParams

@@ -1,4 +1,4 @@
-"""Hostile payloads for lamabus's subjects, shared by tests/test_hostile_e2e.py and bench/soak.py.
+"""Hostile payloads for lamabus's subjects, shared by tests/test_hostile_e2e.py and bench/soak.py (python -m bench.soak).
 
 Every kind the issue names: random bytes, invalid UTF-8, deep nesting, wrong types,
 unknown fields, huge strings up to the broker's max payload, bad topic ids in subject
