@@ -68,7 +68,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import msgspec  # noqa: E402
 import nats  # noqa: E402
 
 from bench.baseline import RawLlama  # noqa: E402
@@ -83,8 +82,9 @@ from wire.messages import (  # noqa: E402
     MessageRejected,
     decode_topic_event,
 )
+from wire.api import Diagnostics, DiagnosticsGet, ModelsList, ModelUpdate  # noqa: E402
 from wire.errors import LamaError  # noqa: E402
-from wire.params import DEFAULTS, GenerationParams  # noqa: E402
+from wire.params import DEFAULTS, GenerationParams, ModelParams  # noqa: E402
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 ESSAY = "Write a long, detailed essay about the history of the Roman Empire, from its founding to its fall."
@@ -450,8 +450,8 @@ class BusSide:
             started_ms=(st.t_started - st.t0) * 1000.0 if st.t_started is not None else None,
         )
 
-    async def diagnostics(self) -> dict[str, Any]:
-        return await self.client.request("diagnostics", timeout=10)
+    async def diagnostics(self) -> Diagnostics:
+        return await self.client.call(DiagnosticsGet(), timeout=10)
 
 
 class DirectSide:
@@ -728,7 +728,7 @@ class BusBench:
                     warm = await self.bus.ask("warmup", "Say hello.", greedy(8))  # loads the model
                     ready_s = time.perf_counter() - t0
                     diag = await self.bus.diagnostics()
-                    eng = diag["service"]["engine"]
+                    eng = diag.service.engine or {}
                     model = eng["models"][0]
                     threads = int(model["context"]["nThreads"])
                     n_seq_max = int(model["context"]["nSeqMax"])
@@ -968,14 +968,14 @@ class BusBench:
 
     async def _update_load(self, **load: Any) -> None:
         """Store load parameters on the bench's model; the next request loads it with them."""
-        models = await self.bus.client.request("models.list")
-        model_id = next(m["id"] for m in models["models"] if m["active"])
-        await self.bus.client.request("models.update", {"modelId": model_id, "load": load})
+        models = await self.bus.client.call(ModelsList())
+        model_id = next(m.id for m in models.models if m.active)
+        await self.bus.client.call(ModelUpdate(model_id=model_id, load=ModelParams(**load)))
 
     async def _variants(self, threads: int) -> None:
         cfg = self.cfg
         # The conversation again with flash attention off, through the bus only (turns 1 and 20 matter).
-        await self._update_load(flashAttention="off")
+        await self._update_load(flash_attention="off")
         await self.bus.ask("fa-off-warm", "Say hello.", greedy(8))  # loads the model with flash attention off
         first: list[float] = []
         last: list[float] = []
@@ -995,7 +995,7 @@ class BusBench:
         # One stream with one decode thread fewer, so the bus has a core of its own: the raw loop gets the
         # same thread count, so the ratio is the bus's own cost once it need not interrupt the decode threads.
         spare = max(1, threads - 1)
-        await self._update_load(flashAttention="auto", threads=spare)
+        await self._update_load(flash_attention="auto", threads=spare)
         raw = RawSide(cfg.model, spare, cfg.n_ctx, cfg.n_batch, 1)
         n = cfg.tokens
         bus_tps: list[float] = []

@@ -17,17 +17,23 @@ import asyncio
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import anyio
 import msgspec
 from msgspec import UNSET
 
-from bus.service import ERROR_COUNTS, Empty, Endpoint
+from nats.aio.client import Client
+
+from bus.service import ERROR_COUNTS, Endpoint
+from engine.runtime import Engine
 from engine.types import ChatTurn, GenerateRequest, GenerationResult, ModelConfig, TokenChunk
 from handlers.catalog import list_catalog, pull
+from handlers.models_runtime import ModelsRuntime
 from handlers.registry import ProgressCallback, Registry
 from wire.api import (
+    ENDPOINTS,
+    ApiDiagnostics,
     CatalogList,
     CatalogReply,
     LlmCancel,
@@ -41,6 +47,9 @@ from wire.api import (
     LlmReleased,
     LlmResult,
     LlmToken,
+    Diagnostics,
+    DiagnosticsGet,
+    MetricsGet,
     MetricsReply,
     ModelActivate,
     ModelGet,
@@ -63,13 +72,15 @@ from wire.api import (
     TopicList,
     TopicListReply,
     TopicReply,
+    ServiceDiagnostics,
 )
 from wire.errors import ErrorCode, LamaError
 from wire.messages import encode
 from wire.params import GenerationParams, SamplingParams
 
-if TYPE_CHECKING:
-    from bus.app import LamabusService
+
+class MetricsSource(Protocol):
+    def exposition(self) -> tuple[bytes, str]: ...
 
 MAX_HANDLES = 32
 """``llm.initialize`` handles open at once; more is ``busy`` (each may hold a model in memory)."""
@@ -93,26 +104,33 @@ class _ApiHandle(msgspec.Struct):
 
 
 class Api:
-    """The handlers; one per service. ``handles``/``running``: this API's own llm handles and generations."""
+    """The handlers; one per service, given what they work with (never the service itself).
 
-    def __init__(self, svc: "LamabusService") -> None:
-        self.svc = svc
+    ``handles``/``running``: this API's own llm handles and generations.
+    ``service_diagnostics``: the service's own part of ``diagnostics`` (url, intake, assistant, engine).
+    """
+
+    def __init__(self, *, registry: Registry, models: ModelsRuntime, engine: Engine, nc: Client, prefix: str,
+                 service_diagnostics: Callable[[], Awaitable[ServiceDiagnostics]],
+                 metrics: MetricsSource | None = None) -> None:
+        self.registry = registry
+        self.models = models
+        self.engine = engine
+        self.nc = nc
+        self.prefix = prefix
+        self.service_diagnostics = service_diagnostics
+        self.metrics_source = metrics
         self.handles: dict[str, _ApiHandle] = {}
         self.running: dict[str, str] = {}  # client request id -> engine request id
 
     # ------------------------------------------------------------------ plumbing
 
-    @property
-    def registry(self) -> Registry:
-        assert self.svc.registry is not None
-        return self.svc.registry
-
     def _loaded(self) -> list[str]:
-        return self.svc.models.loaded_ids() if self.svc.models else []
+        return self.models.loaded_ids()
 
     def _check_subject(self, subject: str, field: str) -> None:
         """Refuse subjects that carry lamabus's own traffic: a caller may not publish there through us."""
-        prefix = self.svc.settings.prefix
+        prefix = self.prefix
         for reserved in (f"{prefix}.api", f"{prefix}.topic", f"{prefix}.registry.evt"):
             if subject == reserved or subject.startswith(reserved + "."):
                 raise _bad(f"{field.removeprefix('$.')} {subject!r} is reserved for lamabus ({reserved}.>); "
@@ -123,8 +141,7 @@ class Api:
         if subject is None:
             return None
         self._check_subject(subject, "$.progressSubject")
-        nc = self.svc.nc
-        assert nc is not None
+        nc = self.nc
         loop = asyncio.get_running_loop()
         last = [0.0]
 
@@ -188,18 +205,15 @@ class Api:
         return ModelReply(model=await self.registry.activate(req.model_id))
 
     async def models_remove(self, req: ModelRemove) -> ModelReply:
-        assert self.svc.models is not None
-        return ModelReply(model=await self.svc.models.remove(req.model_id))
+        return ModelReply(model=await self.models.remove(req.model_id))
 
     async def models_load(self, req: ModelLoad) -> ModelLoadReply:
-        assert self.svc.models is not None
-        loaded = await self.svc.models.load(req.model_id)
+        loaded = await self.models.load(req.model_id)
         return ModelLoadReply(model_id=loaded.model_id, loaded=self._loaded())
 
     async def models_unload(self, req: ModelUnload) -> ModelUnloadReply:
-        assert self.svc.models is not None
         await self.registry.get_model(req.model_id)  # model_not_found for an id never registered
-        was_loaded = await self.svc.models.unload(req.model_id)
+        was_loaded = await self.models.unload(req.model_id)
         return ModelUnloadReply(model_id=req.model_id, was_loaded=was_loaded, loaded=self._loaded())
 
     # ------------------------------------------------------------------ catalogue
@@ -244,7 +258,6 @@ class Api:
             raise
 
     async def llm_initialize(self, req: LlmInitialize) -> LlmHandle:
-        assert self.svc.engine is not None
         if (req.model_id is None) == (req.model_path is None):
             raise _bad("give exactly one of modelId (a registered model) or modelPath", "$.modelId")
         if len(self.handles) >= MAX_HANDLES:
@@ -261,7 +274,7 @@ class Api:
             assert req.model_path is not None
             path, model_id = self._model_path(req.model_path)
             config = ModelConfig.resolve(path, req.load_params())
-        handle = await self.svc.engine.initialize(config)
+        handle = await self.engine.initialize(config)
         self.handles[handle] = _ApiHandle(model_id=model_id, config=config, params=params, created=time.time())
         return LlmHandle(handle=handle, model_id=model_id, model_path=config.model_path, context_size=config.n_ctx,
                          batch_size=config.n_batch, gpu_layers=config.n_gpu_layers, threads=config.n_threads,
@@ -295,19 +308,17 @@ class Api:
                          timing=result.timing, usage=result.usage)
 
     async def llm_generate(self, req: LlmGenerate) -> LlmResult:
-        assert self.svc.engine is not None
         info = self._handle(req.handle)
         client_id, request = self._engine_request(req, info)
         self.running[client_id] = request.request_id
         try:
-            result = await self.svc.engine.generate(req.handle, request)
+            result = await self.engine.generate(req.handle, request)
         finally:
             self.running.pop(client_id, None)
         return self._result(client_id, req.handle, info, result)
 
     async def llm_generate_stream(self, req: LlmGenerateStream) -> LlmResult:
-        assert self.svc.engine is not None and self.svc.nc is not None
-        nc = self.svc.nc
+        nc = self.nc
         self._check_subject(req.subject, "$.subject")
         info = self._handle(req.handle)
         client_id, request = self._engine_request(req, info)
@@ -315,7 +326,7 @@ class Api:
         try:
             seq = 0
             result: GenerationResult | None = None
-            async for item in self.svc.engine.generate_stream(req.handle, request):
+            async for item in self.engine.generate_stream(req.handle, request):
                 if isinstance(item, TokenChunk):
                     await nc.publish(req.subject, encode(LlmToken(request_id=client_id, seq=seq, text=item.text,
                                                                   channel=item.channel)))
@@ -342,82 +353,37 @@ class Api:
             self.running.pop(client_id, None)
 
     async def llm_cancel(self, req: LlmCancel) -> LlmCancelReply:
-        assert self.svc.engine is not None
         engine_id = self.running.get(req.request_id)
         if engine_id is None:
             raise LamaError(ErrorCode.NOT_FOUND, f"no running llm request {req.request_id!r}",
                             request_id=req.request_id, field="$.requestId")
-        return LlmCancelReply(request_id=req.request_id, cancelled=await self.svc.engine.cancel(engine_id))
+        return LlmCancelReply(request_id=req.request_id, cancelled=await self.engine.cancel(engine_id))
 
     async def llm_release(self, req: LlmRelease) -> LlmReleased:
-        assert self.svc.engine is not None
         self._handle(req.handle)
         del self.handles[req.handle]
-        await self.svc.engine.release(req.handle)
+        await self.engine.release(req.handle)
         return LlmReleased(handle=req.handle)
 
     # ------------------------------------------------------------------ diagnostics
 
-    async def diagnostics(self, _: Empty) -> dict[str, Any]:
-        registry = await self.registry.diagnostics(self._loaded() if self.svc.models else None)
-        service = self.svc.diagnostics()
-        if self.svc.intake is not None:
-            # Accepted by the broker, not yet taken: the queue a burst waits in.
-            service["intake"]["waitingInStream"] = await self.svc.intake.waiting_in_stream()
-        return {
-            "service": service,
-            "registry": registry,
-            "api": {
-                "llmHandles": sorted(self.handles),
-                "llmRunning": sorted(self.running),
-                "errors": dict(sorted(ERROR_COUNTS.items())),
-            },
-        }
+    async def diagnostics(self, _: DiagnosticsGet) -> Diagnostics:
+        return Diagnostics(
+            service=await self.service_diagnostics(),
+            registry=await self.registry.diagnostics(self._loaded()),
+            api=ApiDiagnostics(llm_handles=sorted(self.handles), llm_running=sorted(self.running),
+                               errors=dict(sorted(ERROR_COUNTS.items()))),
+        )
 
-    async def metrics(self, _: Empty) -> MetricsReply:
-        if self.svc.metrics is None:
+    async def metrics(self, _: MetricsGet) -> MetricsReply:
+        if self.metrics_source is None:
             raise LamaError(ErrorCode.NOT_FOUND, "metrics are off on this node (metrics = \"off\")")
-        body, content_type = self.svc.metrics.exposition()
+        body, content_type = self.metrics_source.exposition()
         return MetricsReply(content_type=content_type, text=body.decode())
 
     # ------------------------------------------------------------------ the table
 
     def endpoints(self) -> list[Endpoint]:
-        def ep(group: str, name: str, request_type: Any, handler: Callable[[Any], Any], description: str,
-               *, concurrent: bool = False) -> Endpoint:
-            return Endpoint(group, name, request_type, handler, concurrent=concurrent, description=description)
-
-        return [
-            ep("models", "list", ModelsList, self.models_list, "registered models (the seed's LLM records)"),
-            ep("models", "get", ModelGet, self.models_get, "one model record"),
-            ep("models", "import", ModelImport, self.models_import, "register a GGUF file from a model directory",
-               concurrent=True),
-            ep("models", "pull", ModelPull, self.models_pull, "download a catalogue model or .gguf URL and import it",
-               concurrent=True),
-            ep("models", "update", ModelUpdate, self.models_update, "change a model's stored parameters"),
-            ep("models", "activate", ModelActivate, self.models_activate, "make a model the active one"),
-            ep("models", "remove", ModelRemove, self.models_remove, "unload and soft-delete a model",
-               concurrent=True),
-            ep("models", "load", ModelLoad, self.models_load, "load a model now", concurrent=True),
-            ep("models", "unload", ModelUnload, self.models_unload, "unload a model now", concurrent=True),
-            ep("catalog", "list", CatalogList, self.catalog_list, "models lamabus knows how to get"),
-            ep("topics", "create", TopicCreate, self.topics_create, "create a topic room"),
-            ep("topics", "get", TopicGet, self.topics_get, "one topic and who answers there"),
-            ep("topics", "list", TopicList, self.topics_list, "every topic"),
-            ep("topics", "bind", TopicBind, self.topics_bind, "bind a topic to a model (null: follow the active one)"),
-            ep("topics", "update", TopicUpdate, self.topics_update, "set or clear the topic's system prompt"),
-            ep("llm", "initialize", LlmInitialize, self.llm_initialize, "load a model, get an opaque handle",
-               concurrent=True),
-            ep("llm", "generate", LlmGenerate, self.llm_generate, "generate; reply with the result",
-               concurrent=True),
-            ep("llm", "generate_stream", LlmGenerateStream, self.llm_generate_stream,
-               "generate, publishing each chunk on the caller's subject", concurrent=True),
-            ep("llm", "cancel", LlmCancel, self.llm_cancel, "stop a running llm.generate/generate_stream"),
-            ep("llm", "release", LlmRelease, self.llm_release, "release a handle", concurrent=True),
-            ep("", "diagnostics", Empty, self.diagnostics, "what the service holds and how it is doing"),
-            ep("", "metrics", Empty, self.metrics, "Prometheus metrics in the text exposition format"),
-        ]
-
-
-def build_endpoints(svc: "LamabusService") -> list[Endpoint]:
-    return Api(svc).endpoints()
+        """wire.api's table, each row bound to its handler: the method named after the endpoint
+        (``models.get`` -> ``models_get``)."""
+        return [Endpoint.from_spec(spec, getattr(self, spec.name.replace(".", "_"))) for spec in ENDPOINTS]

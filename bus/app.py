@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from typing import Any
 
 import anyio
 import msgspec
@@ -26,6 +25,7 @@ from bus.embedded import EmbeddedNatsServer
 from bus.intake import StreamLimits, TopicIntake
 from bus.metrics import MetricsServer, metrics_for
 from bus.publisher import NatsPublisher
+from bus.api import Api
 from bus.service import error_reply, start_service
 from bus.subjects import Subjects
 from bus.web import WebServer, embedded_websocket_port, web_server_for
@@ -36,6 +36,7 @@ from handlers.engine_runtime import EngineRuntime
 from handlers.metrics import ServiceMetrics
 from handlers.models_runtime import ModelsRuntime
 from handlers.registry import Registry, RegistryDirectory
+from wire.api import IntakeDiagnostics, ServiceDiagnostics
 from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError
 from wire.messages import GenerationCancel, encode
@@ -74,6 +75,7 @@ class LamabusService:
         self.assistant: Assistant | None = None
         self.intake: TopicIntake | None = None
         self.web: WebServer | None = None  # the chat page
+        self.api: Api | None = None
         self.metrics: ServiceMetrics | None = None  # None when settings.metrics is "off"
         self.metrics_http: MetricsServer | None = None
         self._stack = contextlib.AsyncExitStack()
@@ -151,10 +153,10 @@ class LamabusService:
         await self._tg.start(self.intake.run)
         cancel_sub = await self.nc.subscribe(self.subjects.all_cancel, cb=self._on_cancel)
         stack.push_async_callback(cancel_sub.unsubscribe)
-        from bus.api import build_endpoints  # the API module imports this one's types
-
+        self.api = Api(registry=self.registry, models=self.models, engine=self.engine, nc=self.nc, prefix=s.prefix,
+                       service_diagnostics=self.diagnostics, metrics=self.metrics)
         # Long endpoints (pull, load, generate) run their requests as tasks in this service's task group.
-        service = await start_service(self.nc, self.subjects.api, build_endpoints(self), task_group=self._tg)
+        service = await start_service(self.nc, self.subjects.api, self.api.endpoints(), task_group=self._tg)
         stack.push_async_callback(service.stop)
         self._tg.start_soon(self._feed_registry_events)
         self._tg.start_soon(self._watch_client)
@@ -216,23 +218,18 @@ class LamabusService:
             except Exception:
                 log.warning("could not publish registry event %s", stored.position, exc_info=True)
 
-    def diagnostics(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "embedded": self.embedded is not None,
-            "prefix": self.settings.prefix,
-            "assistant": self.assistant.stats() if self.assistant else None,
-            "engine": self.engine.diagnostics() if self.engine else None,
-            "intake": {
-                "rejected": self.intake.rejected if self.intake else 0,
-                "taken": self.intake.taken if self.intake else 0,
-                "inFlight": self.intake.in_flight if self.intake else 0,
-                "window": self.settings.intake_window,
-                "ackWait": self.settings.ack_wait,
-            },
-            # What a message gets when neither it nor its model says otherwise (wire.params).
-            "defaults": msgspec.to_builtins(DEFAULTS),
-        }
+    async def diagnostics(self) -> ServiceDiagnostics:
+        intake = self.intake
+        return ServiceDiagnostics(
+            url=self.url, embedded=self.embedded is not None, prefix=self.settings.prefix,
+            intake=IntakeDiagnostics(
+                rejected=intake.rejected if intake else 0, taken=intake.taken if intake else 0,
+                in_flight=intake.in_flight if intake else 0, window=self.settings.intake_window,
+                ack_wait=self.settings.ack_wait, waiting_in_stream=await intake.waiting_in_stream() if intake else None),
+            defaults=DEFAULTS,
+            assistant=self.assistant.stats() if self.assistant else None,
+            engine=self.engine.diagnostics() if self.engine else None,
+        )
 
 
 async def serve_forever(settings: Settings) -> None:

@@ -31,6 +31,8 @@ import anyio
 import msgspec
 
 from bus.config import Settings
+from wire.api import ApiRequest, DiagnosticsGet, MetricsGet, endpoint_for
+from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError
 
 Runner = Callable[[argparse.Namespace, Settings], int]
@@ -89,23 +91,22 @@ def _fields_table(title: str, value: msgspec.Struct) -> None:
 # ---------------------------------------------------------------------------------------- talking to the service
 
 
-async def _request(settings: Settings, endpoint: str, payload: Any, response_type: Any, *, timeout: float,
-                   progress: tuple[str, Callable[[str], Any]] | None = None, show_progress: bool = True) -> Any:
-    """Call ``<prefix>.api.<endpoint>``; ``progress``: (description, payload made for a progress subject)."""
+async def _call(settings: Settings, request: ApiRequest[Any], *, timeout: float,
+                progress: tuple[str, Callable[[str], ApiRequest[Any]]] | None = None, show_progress: bool = True) -> Any:
+    """Call the endpoint of ``request``; ``progress``: (description, the request made for a progress subject)."""
     import nats.errors
 
     from bus.cli import client_url
     from bus.client import LamabusClient
 
     url = client_url(settings)
-    subject = f"{settings.prefix}.api.{endpoint}"
+    subject = endpoint_for(request).subject(f"{settings.prefix}.api")
     async with LamabusClient.connect(url, prefix=settings.prefix) as client:
         try:
             if progress is None:
-                return await client.request(endpoint, payload, response_type, timeout=timeout)
-            description, make_payload = progress
-            return await _with_progress(client, endpoint, description, make_payload, response_type, timeout,
-                                        show_progress)
+                return await client.call(request, timeout=timeout)
+            description, make_request = progress
+            return await _with_progress(client, description, make_request, timeout, show_progress)
         except nats.errors.NoRespondersError:
             raise LamaError(ErrorCode.TIMEOUT, f"no lamabus service answers {subject} at {url}: is `lamabus serve` "
                             "running (with the same --prefix)?", url=url) from None
@@ -114,8 +115,8 @@ async def _request(settings: Settings, endpoint: str, payload: Any, response_typ
                             url=url) from None
 
 
-async def _with_progress(client: Any, endpoint: str, description: str, make_payload: Callable[[str], Any],
-                         response_type: Any, timeout: float, show: bool) -> Any:
+async def _with_progress(client: Any, description: str, make_request: Callable[[str], ApiRequest[Any]],
+                         timeout: float, show: bool) -> Any:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -136,36 +137,36 @@ async def _with_progress(client: Any, endpoint: str, description: str, make_payl
 
         async def on_progress(msg: Any) -> None:
             try:
-                event = decoder.decode(msg.data)
-            except (msgspec.ValidationError, msgspec.DecodeError):
+                event = decode_untrusted(decoder, msg.data)
+            except LamaError:
                 return
             bar.update(task, completed=event.done, total=event.total)
 
         sub = await client.nc.subscribe(subject, cb=on_progress)
         try:
             await client.nc.flush()  # the subscription is live before the service can publish to it
-            reply = await client.request(endpoint, make_payload(subject), response_type, timeout=timeout)
+            reply = await client.call(make_request(subject), timeout=timeout)
             await client.nc.flush()  # progress sent before the reply is handled before the bar closes
             return reply
         finally:
             await sub.unsubscribe()
 
 
-def _api(endpoint: str, make: Callable[[argparse.Namespace], Any], response: Any,
-         render: Callable[[Any], None], *, timeout: float = 30.0,
-         progress: Callable[[argparse.Namespace], str] | None = None) -> Runner:
-    """A command that sends one request and prints the reply (``render`` for people, JSON with ``--json``)."""
+def _api(make: Callable[[argparse.Namespace], ApiRequest[Any]], render: Callable[[Any], None], *,
+         timeout: float = 30.0, progress: Callable[[argparse.Namespace], str] | None = None) -> Runner:
+    """A command that sends one request and prints the reply (``render`` for people, JSON with ``--json``).
+    Which endpoint, and what comes back, is the request type's row in wire.api's table."""
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
         wait = args.timeout if args.timeout is not None else timeout
         if progress is None:
-            reply = anyio.run(lambda: _request(settings, endpoint, make(args), response, timeout=wait))
+            reply = anyio.run(lambda: _call(settings, make(args), timeout=wait))
         else:
-            def with_subject(subject: str) -> Any:
+            def with_subject(subject: str) -> ApiRequest[Any]:
                 return make(argparse.Namespace(**vars(args), progress_subject=subject))
 
-            reply = anyio.run(lambda: _request(settings, endpoint, None, response, timeout=wait,
-                                               progress=(progress(args), with_subject), show_progress=not args.json))
+            reply = anyio.run(lambda: _call(settings, with_subject("-"), timeout=wait,
+                                            progress=(progress(args), with_subject), show_progress=not args.json))
         if args.json:
             _print_json(reply)
         else:
@@ -376,21 +377,20 @@ async def _service_snapshot(settings: Settings, timeout: float) -> _Snapshot | N
     """The running service's incrementally kept state at one position, or None if no service answers."""
     from bus.cli import client_url
     from bus.client import LamabusClient
-    from wire.api import ModelListReply, ModelsList, TopicList, TopicListReply
+    from wire.api import DiagnosticsGet, ModelsList, TopicList
 
     try:
         async with LamabusClient.connect(client_url(settings), prefix=settings.prefix) as client:
             for _attempt in range(5):
-                before = (await client.request("diagnostics", timeout=timeout))["registry"]
-                models = await client.request("models.list", ModelsList(include_deleted=True), ModelListReply,
-                                              timeout=timeout)
-                topics = await client.request("topics.list", TopicList(), TopicListReply, timeout=timeout)
-                after = (await client.request("diagnostics", timeout=timeout))["registry"]
-                if before["position"] == after["position"]:  # nothing was appended while we asked
+                before = (await client.call(DiagnosticsGet(), timeout=timeout)).registry
+                models = await client.call(ModelsList(include_deleted=True), timeout=timeout)
+                topics = await client.call(TopicList(), timeout=timeout)
+                after = (await client.call(DiagnosticsGet(), timeout=timeout)).registry
+                if before.position == after.position:  # nothing was appended while we asked
                     return _Snapshot(
-                        position=after["position"], events=after["events"], models=after["models"],
-                        live_models=after["liveModels"], topics=after["topics"],
-                        active_model_id=after["activeModelId"],
+                        position=after.position, events=after.events, models=after.models,
+                        live_models=after.live_models, topics=after.topics,
+                        active_model_id=after.active_model_id,
                         model_records=sorted(models.models, key=lambda m: m.id),
                         topic_records=sorted(topics.topics, key=lambda t: t.id))
             raise LamaError(ErrorCode.BUSY, "the registry kept changing while it was read; try again")
@@ -483,8 +483,7 @@ async def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _diagnostics(args: argparse.Namespace, settings: Settings) -> int:
-    _print_json(anyio.run(lambda: _request(settings, "diagnostics", None, object,
-                                           timeout=args.timeout or 30.0)))
+    _print_json(anyio.run(lambda: _call(settings, DiagnosticsGet(), timeout=args.timeout or 30.0)))
     return 0
 
 
@@ -496,26 +495,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     from wire.api import (
     TopicUpdate,
         CatalogList,
-        CatalogReply,
-        MetricsReply,
         ModelActivate,
         ModelGet,
         ModelImport,
-        ModelListReply,
         ModelLoad,
-        ModelLoadReply,
         ModelPull,
         ModelRemove,
-        ModelReply,
         ModelsList,
         ModelUnload,
-        ModelUnloadReply,
         TopicBind,
         TopicCreate,
         TopicGet,
         TopicList,
-        TopicListReply,
-        TopicReply,
     )
 
     def leaf(parent: Any, name: str, help: str, run: Runner, *, json_flag: bool = True,
@@ -535,29 +526,26 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     # -- models
     models = group("models", "registered models: list, show, import, pull, update, activate, rm, load, unload")
     p = leaf(models, "list", "list registered models", _api(
-        "models.list", lambda a: ModelsList(include_deleted=a.all), ModelListReply, _render_model_list))
+        lambda a: ModelsList(include_deleted=a.all), _render_model_list))
     p.add_argument("--all", action="store_true", help="include removed models")
     p = leaf(models, "show", "every field of one model's record", _api(
-        "models.get", lambda a: ModelGet(model_id=a.model_id), ModelReply, _render_model))
+        lambda a: ModelGet(model_id=a.model_id), _render_model))
     p.add_argument("model_id", metavar="MODEL")
     p = leaf(models, "import", "register a GGUF file from a model directory (hashes it, with a progress bar)", _api(
-        "models.import",
         lambda a: ModelImport(path=a.path, name=a.name, expected_sha256=a.sha256, generation=_gen_params(a),
-                              load=_load_params(a), progress_subject=a.progress_subject),
-        ModelReply, _render_model, timeout=600.0, progress=lambda a: f"hashing {os.path.basename(a.path)}"),
+                              load=_load_params(a), progress_subject=a.progress_subject), _render_model, timeout=600.0, progress=lambda a: f"hashing {os.path.basename(a.path)}"),
         timeout_help="seconds to wait (default 600)")
     p.add_argument("path", help="the .gguf file: absolute, or relative to a model directory")
     p.add_argument("--name", help="display name (the model id is made from it; default: the file name)")
     p.add_argument("--sha256", help="refuse the file unless its SHA-256 is this")
     _param_flags(p)
     p = leaf(models, "pull", "download a catalogue model (see `lamabus catalog`) or a .gguf URL, then import it", _api(
-        "models.pull", lambda a: ModelPull(ref=a.ref, name=a.name, progress_subject=a.progress_subject),
-        ModelReply, _render_model, timeout=6 * 3600.0, progress=lambda a: f"pulling {a.ref.rsplit('/', 1)[-1]}"),
+        lambda a: ModelPull(ref=a.ref, name=a.name, progress_subject=a.progress_subject), _render_model, timeout=6 * 3600.0, progress=lambda a: f"pulling {a.ref.rsplit('/', 1)[-1]}"),
         timeout_help="seconds to wait (default 6 hours)")
     p.add_argument("ref", metavar="ID_OR_URL")
     p.add_argument("--name", help="display name (default: the catalogue's, or the file name)")
     p = leaf(models, "update", "change a model's stored parameters or system prompt", _api(
-        "models.update", _update_request, ModelReply, _render_model))
+        _update_request, _render_model))
     p.add_argument("model_id", metavar="MODEL")
     _param_flags(p)
     p.add_argument("--reset", action="store_true", help="replace all stored parameters with the ones given")
@@ -566,51 +554,46 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     prompt.add_argument("--system-prompt", help="what this model's conversations start with")
     prompt.add_argument("--clear-system-prompt", action="store_true", help="back to the service default")
     p = leaf(models, "activate", "make a model the active one (it answers unbound topics)", _api(
-        "models.activate", lambda a: ModelActivate(model_id=a.model_id), ModelReply,
-        lambda r: _console().print(f"{r.model.id} is the active model")))
+        lambda a: ModelActivate(model_id=a.model_id), lambda r: _console().print(f"{r.model.id} is the active model")))
     p.add_argument("model_id", metavar="MODEL")
     p = leaf(models, "rm", "unload and remove a model (its record and history stay, marked removed)", _api(
-        "models.remove", lambda a: ModelRemove(model_id=a.model_id), ModelReply,
-        lambda r: _console().print(f"{r.model.id} removed")))
+        lambda a: ModelRemove(model_id=a.model_id), lambda r: _console().print(f"{r.model.id} removed")))
     p.add_argument("model_id", metavar="MODEL")
     p = leaf(models, "load", "load a model now (it stays loaded while in use, or until idle)", _api(
-        "models.load", lambda a: ModelLoad(model_id=a.model_id), ModelLoadReply, _render_load, timeout=300.0),
+        lambda a: ModelLoad(model_id=a.model_id), _render_load, timeout=300.0),
         timeout_help="seconds to wait (default 300)")
     p.add_argument("model_id", metavar="MODEL")
     p = leaf(models, "unload", "unload a model now", _api(
-        "models.unload", lambda a: ModelUnload(model_id=a.model_id), ModelUnloadReply, _render_unload,
-        timeout=120.0))
+        lambda a: ModelUnload(model_id=a.model_id), _render_unload, timeout=120.0))
     p.add_argument("model_id", metavar="MODEL")
 
     # -- catalogue
     leaf(sub, "catalog", "models lamabus knows how to get (`lamabus models pull ID`)", _api(
-        "catalog.list", lambda a: CatalogList(), CatalogReply, _render_catalog))
+        lambda a: CatalogList(), _render_catalog))
 
     # -- topics
     topics = group("topics", "topic rooms: create, show, list, bind, prompt")
     p = leaf(topics, "create", "create a topic room", _api(
-        "topics.create", lambda a: TopicCreate(topic_id=a.topic_id, name=a.name, model_id=a.model,
-                                               created_by=a.created_by, system_prompt=a.system_prompt),
-        TopicReply, _render_topic))
+        lambda a: TopicCreate(topic_id=a.topic_id, name=a.name, model_id=a.model,
+                                               created_by=a.created_by, system_prompt=a.system_prompt), _render_topic))
     p.add_argument("topic_id", metavar="TOPIC")
     p.add_argument("--name")
     p.add_argument("--model", help="bind it to this model (default: it follows the active model)")
     p.add_argument("--created-by", default=os.environ.get("USER"))
     p.add_argument("--system-prompt", help="the topic's own system prompt")
     p = leaf(topics, "show", "one topic and who answers there", _api(
-        "topics.get", lambda a: TopicGet(topic_id=a.topic_id), TopicReply, _render_topic))
+        lambda a: TopicGet(topic_id=a.topic_id), _render_topic))
     p.add_argument("topic_id", metavar="TOPIC")
-    leaf(topics, "list", "every topic", _api("topics.list", lambda a: TopicList(), TopicListReply, _render_topics))
+    leaf(topics, "list", "every topic", _api(
+        lambda a: TopicList(), _render_topics))
     p = leaf(topics, "bind", "bind a topic to a model, or --unbind it (then the active model answers)", _api(
-        "topics.bind", lambda a: TopicBind(topic_id=a.topic_id, model_id=None if a.unbind else a.model_id),
-        TopicReply, _render_topic))
+        lambda a: TopicBind(topic_id=a.topic_id, model_id=None if a.unbind else a.model_id), _render_topic))
     p.add_argument("topic_id", metavar="TOPIC")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("model_id", metavar="MODEL", nargs="?")
     which.add_argument("--unbind", action="store_true")
     p = leaf(topics, "prompt", "set the topic's own system prompt, or --clear it", _api(
-        "topics.update", lambda a: TopicUpdate(topic_id=a.topic_id, system_prompt=None if a.clear else a.text),
-        TopicReply, _render_topic))
+        lambda a: TopicUpdate(topic_id=a.topic_id, system_prompt=None if a.clear else a.text), _render_topic))
     p.add_argument("topic_id", metavar="TOPIC")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("text", metavar="TEXT", nargs="?")
@@ -630,7 +613,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     p.add_argument("--offline", action="store_true", help="do not ask a running service; only rebuild")
 
     leaf(sub, "metrics", "this node's Prometheus metrics, the text /metrics serves (lama.api.metrics)", _api(
-        "metrics", lambda a: None, MetricsReply, lambda r: print(r.text, end="")))
+        lambda a: MetricsGet(), lambda r: print(r.text, end="")))
 
     diag = sub.add_parser("diagnostics", help="what the running service holds and how it is doing (JSON)")
     common(diag)

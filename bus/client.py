@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from datetime import datetime, timezone
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -23,6 +24,8 @@ from nats.errors import Error as NatsError
 from bus.connection import connect
 from bus.publisher import MSG_ID
 from bus.subjects import Subjects
+from wire.api import ApiRequest, endpoint_for
+from wire.decoding import decode_untrusted
 from wire.errors import ErrorBody, ErrorCode, LamaError
 from wire.messages import (
     CancelReply,
@@ -40,6 +43,7 @@ from wire.messages import (
 )
 from wire.params import GenerationParams
 
+R = TypeVar("R")
 AskItem = GenerationStarted | GenerationToken | GenerationCompleted | GenerationCancelled
 
 _cancel_reply_decoder = msgspec.json.Decoder(CancelReply)
@@ -51,8 +55,8 @@ def raise_for_error(msg: Msg) -> None:
     headers = msg.headers or {}
     if "Nats-Service-Error-Code" in headers:
         try:
-            body = _error_decoder.decode(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+            body = decode_untrusted(_error_decoder, msg.data)
+        except LamaError:
             body = ErrorBody(ErrorCode.INTERNAL, headers.get("Nats-Service-Error", "unknown error"))
         raise LamaError.from_body(body)
 
@@ -131,13 +135,19 @@ class LamabusClient:
         raise_for_error(reply)
         return _cancel_reply_decoder.decode(reply.data)
 
-    async def request(self, endpoint: str, payload: object | None = None, response_type: type | object = object,
-                      *, timeout: float = 30.0):
-        """Call ``<prefix>.api.<endpoint>`` and decode the reply (errors raise LamaError)."""
-        data = encode(payload) if payload is not None else b"{}"
-        reply = await self.nc.request(f"{self.subjects.api}.{endpoint}", data, timeout=timeout)
+    async def call(self, request: ApiRequest[R], *, timeout: float = 30.0) -> R:
+        """Call the endpoint ``request`` belongs to (wire.api's table) and return its typed reply.
+
+        A coded error reply raises :class:`LamaError`; so does a reply that is not the endpoint's type."""
+        spec = endpoint_for(request)
+        reply = await self.nc.request(spec.subject(self.subjects.api), encode(request), timeout=timeout)
         raise_for_error(reply)
-        return msgspec.json.decode(reply.data, type=response_type)
+        return decode_untrusted(_reply_decoder(spec.reply), reply.data)
+
+
+@functools.cache
+def _reply_decoder(reply_type: type) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(reply_type)
 
 
 class _Connecting:

@@ -29,6 +29,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from wire.api import EndpointSpec
 from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError
 from wire.messages import encode
@@ -43,10 +44,6 @@ Req = TypeVar("Req")
 ERROR_COUNTS: collections.Counter[str] = collections.Counter()
 """``<subject>.<code>`` -> errors answered, for every endpoint of every service in this process."""
 
-
-
-class Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A request that takes no arguments."""
 
 
 def error_reply(exc: LamaError) -> tuple[str, str, bytes]:
@@ -144,6 +141,11 @@ class Endpoint(msgspec.Struct, frozen=True):
 
     def subject(self, api_prefix: str) -> str:
         return f"{api_prefix}.{self.group}.{self.name}" if self.group else f"{api_prefix}.{self.name}"
+
+    @classmethod
+    def from_spec(cls, spec: EndpointSpec, handler: Callable[[Any], Awaitable[Any]]) -> "Endpoint":
+        group, _, name = spec.name.rpartition(".")
+        return cls(group, name, spec.request, handler, concurrent=spec.concurrent, description=spec.description)
 
     @property
     def micro_name(self) -> str:

@@ -65,6 +65,7 @@ from storage.events import (
 from storage.projections import DEFAULT_HISTORY_TURNS, LLM, Projections, TopicRoom, Turn
 from storage.sqlite import SqliteEventStore
 from storage.store import ANY, NO_STREAM, AppendRequest, EventStore, NewEvent
+from wire.api import RegistryDiagnostics
 from wire.errors import ErrorCode, LamaError
 from wire.identity import slugify
 from wire.messages import ChatMessage, GenerationCompleted, valid_topic_id
@@ -109,19 +110,6 @@ async def run_in_thread(fn: Callable[..., Any], *args: Any, stop: threading.Even
 async def hash_file(path: str | os.PathLike[str], progress: ProgressCallback | None = None) -> str:
     stop = threading.Event()
     return await run_in_thread(sha256_file, path, progress, stop, stop=stop)
-
-
-class RegistryDiagnostics(msgspec.Struct, frozen=True, rename="camel"):
-    models: int
-    live_models: int
-    active_model_id: str | None
-    loaded_models: list[str]
-    topics: int
-    events: int
-    position: int
-    db_path: str | None
-    db_size_bytes: int | None
-    model_dirs: list[str]
 
 
 def _model_not_found(model_id: str, why: str = "") -> LamaError:

@@ -8,6 +8,7 @@ import pytest
 
 from tests.test_api import BUNDLED, error, raw
 from wire.api import (
+    DiagnosticsGet,
     ChatTurnIn,
     LlmCancel,
     LlmCancelReply,
@@ -20,7 +21,6 @@ from wire.api import (
     LlmReleased,
     LlmResult,
     LlmToken,
-    ModelListReply,
     ModelsList,
 )
 from wire.errors import ErrorCode
@@ -34,7 +34,7 @@ _stream_decoder = msgspec.json.Decoder(StreamItem)
 
 
 async def initialize(client, **kw) -> LlmHandle:
-    return await client.request("llm.initialize", LlmInitialize(**kw), LlmHandle, timeout=120)
+    return await client.call(LlmInitialize(**kw), timeout=120)
 
 
 class Stream:
@@ -72,8 +72,8 @@ async def test_initialize_generate_stream_release(service, client):
     assert h.handle and h.model_id == BUNDLED and h.model_path.endswith(".gguf") and h.context_size == 2048
     messages = [ChatTurnIn("system", "You are terse."), ChatTurnIn("user", "Name a colour.")]
 
-    result = await client.request("llm.generate", LlmGenerate(handle=h.handle, messages=messages, params=GREEDY,
-                                                              request_id="plain-1"), LlmResult, timeout=120)
+    result = await client.call(LlmGenerate(handle=h.handle, messages=messages, params=GREEDY,
+                                                              request_id="plain-1"), timeout=120)
     assert (result.request_id, result.handle, result.model_id) == ("plain-1", h.handle, BUNDLED)
     assert result.text.strip() and 0 < result.tokens <= 8
     assert result.finish_reason in ("stop", "length", "stop_sequence")
@@ -81,8 +81,8 @@ async def test_initialize_generate_stream_release(service, client):
     assert result.timing.tokens_per_second > 0
 
     async with Stream(client) as stream:
-        streamed = await client.request("llm.generate_stream", LlmGenerateStream(
-            handle=h.handle, messages=messages, params=GREEDY, subject=stream.subject), LlmResult, timeout=120)
+        streamed = await client.call(LlmGenerateStream(
+            handle=h.handle, messages=messages, params=GREEDY, subject=stream.subject), timeout=120)
         with anyio.fail_after(10):
             await stream.done.wait()
     tokens = stream.tokens
@@ -93,36 +93,35 @@ async def test_initialize_generate_stream_release(service, client):
     assert streamed.text == result.text  # greedy: the same answer both ways
 
     # Raw completion with a prompt instead of messages.
-    raw_result = await client.request("llm.generate", LlmGenerate(
-        handle=h.handle, prompt="The sky is", params=GenerationParams(max_tokens=2, temperature=0.0)),
-        LlmResult, timeout=120)
+    raw_result = await client.call(LlmGenerate(
+        handle=h.handle, prompt="The sky is", params=GenerationParams(max_tokens=2, temperature=0.0)), timeout=120)
     assert raw_result.tokens > 0 and raw_result.request_id  # an id is made up when none is given
 
-    assert await client.request("llm.release", LlmRelease(handle=h.handle), LlmReleased) == LlmReleased(
+    assert await client.call(LlmRelease(handle=h.handle)) == LlmReleased(
         handle=h.handle)
     status, body = await raw(client, "llm.release", msgspec.json.encode(LlmRelease(handle=h.handle)))
     assert status == "404" and body["code"] == "not_found"
-    gone = await error(client, "llm.generate", LlmGenerate(handle=h.handle, prompt="hi", params=GREEDY))
+    gone = await error(client, LlmGenerate(handle=h.handle, prompt="hi", params=GREEDY))
     assert gone.code is ErrorCode.NOT_FOUND and gone.details["field"] == "$.handle"
 
 
 async def test_initialize_refusals_and_model_path(service, client):
-    assert (await error(client, "llm.initialize", LlmInitialize(model_id="ghost"))).code is ErrorCode.MODEL_NOT_FOUND
-    both = await error(client, "llm.initialize", LlmInitialize(model_id=BUNDLED, model_path="/x.gguf"))
+    assert (await error(client, LlmInitialize(model_id="ghost"))).code is ErrorCode.MODEL_NOT_FOUND
+    both = await error(client, LlmInitialize(model_id=BUNDLED, model_path="/x.gguf"))
     assert both.code is ErrorCode.BAD_REQUEST and both.details["field"] == "$.modelId"
-    outside = await error(client, "llm.initialize", LlmInitialize(model_path="/etc/hostname"))
+    outside = await error(client, LlmInitialize(model_path="/etc/hostname"))
     assert outside.code is ErrorCode.BAD_REQUEST and outside.details["field"] == "$.modelPath"
     # The runtime's own handles (which diagnostics shows) are not this API's to use.
-    diag = await client.request("diagnostics")
-    assert diag["api"]["llmHandles"] == []
+    diag = await client.call(DiagnosticsGet())
+    assert diag.api.llm_handles == []
     # A registered model's file by path, with a load override.
-    model = (await client.request("models.list", ModelsList(), ModelListReply)).models[0]
+    model = (await client.call(ModelsList())).models[0]
     h = await initialize(client, model_path=model.model_path, context_size=512)
     assert (h.model_id, h.context_size) == (BUNDLED, 512)
-    assert (await client.request("diagnostics"))["api"]["llmHandles"] == [h.handle]
-    empty = await error(client, "llm.generate", LlmGenerate(handle=h.handle, params=GREEDY))
+    assert (await client.call(DiagnosticsGet())).api.llm_handles == [h.handle]
+    empty = await error(client, LlmGenerate(handle=h.handle, params=GREEDY))
     assert empty.code is ErrorCode.BAD_REQUEST and empty.details["field"] == "$.messages"
-    await client.request("llm.release", LlmRelease(handle=h.handle), LlmReleased)
+    await client.call(LlmRelease(handle=h.handle))
 
 
 async def test_a_long_generation_does_not_hold_up_other_requests(service, client):
@@ -132,24 +131,23 @@ async def test_a_long_generation_does_not_hold_up_other_requests(service, client
         long_result: list[LlmResult] = []
 
         async def long_generation() -> None:
-            long_result.append(await client.request("llm.generate_stream", LlmGenerateStream(
+            long_result.append(await client.call(LlmGenerateStream(
                 handle=h.handle, prompt="1, 2, 3, 4, 5, 6, 7,", params=counting, subject=stream.subject,
-                request_id="long"), LlmResult, timeout=300))
+                request_id="long"), timeout=300))
 
         tg.start_soon(long_generation)
         with anyio.fail_after(120):
             await stream.first.wait()
         # While it streams: another endpoint, and the same endpoint again, answer.
-        listing = await client.request("models.list", ModelsList(), ModelListReply)
+        listing = await client.call(ModelsList())
         assert listing.active_model_id == BUNDLED
-        short = await client.request("llm.generate", LlmGenerate(handle=h.handle, prompt="Hello", params=GREEDY),
-                                     LlmResult, timeout=120)
+        short = await client.call(LlmGenerate(handle=h.handle, prompt="Hello", params=GREEDY), timeout=120)
         assert short.tokens > 0
-        assert "long" in (await client.request("diagnostics"))["api"]["llmRunning"]
-        busy = await error(client, "llm.generate", LlmGenerate(handle=h.handle, prompt="x", request_id="long"))
+        assert "long" in (await client.call(DiagnosticsGet())).api.llm_running
+        busy = await error(client, LlmGenerate(handle=h.handle, prompt="x", request_id="long"))
         assert busy.code is ErrorCode.CONFLICT and busy.details["field"] == "$.requestId"
         # It is still running now (cancelling a finished one would be not_found).
-        cancelled = await client.request("llm.cancel", LlmCancel(request_id="long"), LlmCancelReply)
+        cancelled = await client.call(LlmCancel(request_id="long"))
         assert cancelled == LlmCancelReply(request_id="long", cancelled=True)
     (result,) = long_result
     assert result.finish_reason == "cancelled" and 0 < result.tokens < 2000
@@ -157,8 +155,8 @@ async def test_a_long_generation_does_not_hold_up_other_requests(service, client
     assert [t.seq for t in tokens] == list(range(len(tokens)))
     assert "".join(t.text for t in tokens) == result.text
     assert stream.items[-1] == result
-    assert (await error(client, "llm.cancel", LlmCancel(request_id="long"))).code is ErrorCode.NOT_FOUND
-    await client.request("llm.release", LlmRelease(handle=h.handle), LlmReleased)
+    assert (await error(client, LlmCancel(request_id="long"))).code is ErrorCode.NOT_FOUND
+    await client.call(LlmRelease(handle=h.handle))
 
 
 async def test_a_stream_that_fails_midway_is_announced_on_its_subject(service, client):
@@ -168,7 +166,7 @@ async def test_a_stream_that_fails_midway_is_announced_on_its_subject(service, c
         failure: list[Exception] = []
 
         async def long_generation() -> None:
-            failure.append(await error(client, "llm.generate_stream", LlmGenerateStream(
+            failure.append(await error(client, LlmGenerateStream(
                 handle=h.handle, prompt="1, 2, 3, 4, 5,", params=counting, subject=stream.subject,
                 request_id="doomed"), timeout=300))
 
@@ -176,7 +174,7 @@ async def test_a_stream_that_fails_midway_is_announced_on_its_subject(service, c
         with anyio.fail_after(120):
             await stream.first.wait()
         # Releasing the only handle stops the model's worker under the running generation.
-        await client.request("llm.release", LlmRelease(handle=h.handle), LlmReleased, timeout=60)
+        await client.call(LlmRelease(handle=h.handle), timeout=60)
         with anyio.fail_after(60):
             await stream.done.wait()
     (exc,) = failure
@@ -189,7 +187,7 @@ async def test_a_stream_that_fails_midway_is_announced_on_its_subject(service, c
 
 async def test_a_refused_stream_publishes_nothing(service, client):
     async with Stream(client) as stream:
-        exc = await error(client, "llm.generate_stream", LlmGenerateStream(
+        exc = await error(client, LlmGenerateStream(
             handle="ctx-unknown", prompt="hi", params=GREEDY, subject=stream.subject))
         assert exc.code is ErrorCode.NOT_FOUND
         await client.nc.flush()

@@ -13,7 +13,7 @@ from handlers.catalog import KNOWN_MODELS
 from tests.test_api import error, raw
 from tests.test_cli_registry import cli, conn
 from tests.test_pull import FileServer
-from wire.api import ModelActivate, ModelListReply, ModelLoad, ModelLoadReply, ModelPull, ModelReply, ModelsList, Progress
+from wire.api import ModelActivate, ModelLoad, ModelPull, ModelsList, Progress
 from wire.errors import ErrorCode
 
 NAME = "SmolLM2-copy.Q4_1.gguf"
@@ -39,7 +39,7 @@ def server(model_path: Path):
 
 @pytest.mark.model
 async def test_pull_a_url_with_progress_then_load_it(service, client, server: FileServer, model_path: Path):
-    assert (await client.request("models.list", ModelsList(), ModelListReply)).models == []
+    assert (await client.call(ModelsList())).models == []
     size = model_path.stat().st_size
     progress: list[Progress] = []
     subject = client.nc.new_inbox()
@@ -49,8 +49,7 @@ async def test_pull_a_url_with_progress_then_load_it(service, client, server: Fi
 
     sub = await client.nc.subscribe(subject, cb=on_progress)
     await client.nc.flush()
-    pulled = (await client.request("models.pull", ModelPull(ref=server.url(NAME), progress_subject=subject),
-                                   ModelReply, timeout=300)).model
+    pulled = (await client.call(ModelPull(ref=server.url(NAME), progress_subject=subject), timeout=300)).model
     await client.nc.flush()
     await sub.unsubscribe()
     assert (pulled.id, pulled.provider, pulled.checksum, pulled.size) == ("smollm2-copy-q4-1", "url", BUNDLED_SHA,
@@ -63,19 +62,19 @@ async def test_pull_a_url_with_progress_then_load_it(service, client, server: Fi
     assert (progress[-1].done, progress[-1].total) == (size, size)
     assert server.requests == [(f"/{NAME}", None)]
 
-    await client.request("models.activate", ModelActivate(model_id=pulled.id), ModelReply)
-    loaded = await client.request("models.load", ModelLoad(model_id=pulled.id), ModelLoadReply, timeout=120)
+    await client.call(ModelActivate(model_id=pulled.id))
+    loaded = await client.call(ModelLoad(model_id=pulled.id), timeout=120)
     assert loaded.loaded == [pulled.id]
 
 
 async def test_pull_refusals(service, client, server: FileServer):
-    missing = await error(client, "models.pull", ModelPull(ref=server.url("missing.gguf")), timeout=60)
+    missing = await error(client, ModelPull(ref=server.url("missing.gguf")), timeout=60)
     assert missing.code is ErrorCode.NOT_FOUND
     status, body = await raw(client, "models.pull", b'{"ref": "ftp://example.org/x.gguf"}')
     assert status == "400" and body["code"] == "bad_request"
-    bundled = await error(client, "models.pull", ModelPull(ref="smollm2"))
+    bundled = await error(client, ModelPull(ref="smollm2"))
     assert bundled.code is ErrorCode.BAD_REQUEST and "bundled" in bundled.message
-    assert (await client.request("models.list", ModelsList(), ModelListReply)).models == []
+    assert (await client.call(ModelsList())).models == []
 
 
 async def test_cli_pull_shows_a_progress_bar_and_the_model(service, server: FileServer, capsys):

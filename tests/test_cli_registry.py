@@ -10,7 +10,7 @@ import pytest
 
 from bus.cli import main
 from tests.test_api import BUNDLED, tiny_gguf
-from wire.api import ModelImport, ModelReply, TopicCreate, TopicReply
+from wire.api import DiagnosticsGet, ModelImport, TopicCreate
 
 
 def conn(service) -> list[str]:
@@ -116,7 +116,7 @@ async def test_catalog_and_topics(service, client, capsys):
 
 async def test_registry_events(service, client, capsys):
     c = conn(service)
-    await client.request("topics.create", TopicCreate(topic_id="log-me"), TopicReply)
+    await client.call(TopicCreate(topic_id="log-me"))
     rc, out, err = await cli(capsys, "registry", "events", "--json", *c)
     assert rc == 0, err
     events = [json.loads(line) for line in out.splitlines()]
@@ -136,13 +136,13 @@ async def test_registry_events(service, client, capsys):
 async def test_registry_rebuild_equals_the_service_state(service, client, capsys):
     c = conn(service)
     tiny_gguf(service)
-    await client.request("models.import", ModelImport(path="tiny.gguf"), ModelReply)
-    await client.request("topics.create", TopicCreate(topic_id="r1", model_id="tiny"), TopicReply)
+    await client.call(ModelImport(path="tiny.gguf"))
+    await client.call(TopicCreate(topic_id="r1", model_id="tiny"))
     report = await cli_json(capsys, "registry", "rebuild", *c)
     assert report["equal"] is True and report["differences"] == []
     assert report["rebuilt"] == report["service"]
     assert report["rebuilt"]["models"] == 2 and report["rebuilt"]["topics"] == 1
-    assert report["rebuilt"]["position"] == (await client.request("diagnostics"))["registry"]["position"]
+    assert report["rebuilt"]["position"] == (await client.call(DiagnosticsGet())).registry.position
     rc, out, _ = await cli(capsys, "registry", "rebuild", *c)
     assert rc == 0 and "equals the running service's" in out
     offline = await cli_json(capsys, "registry", "rebuild", "--offline", *c)
@@ -167,11 +167,11 @@ async def test_registry_events_follow(service, client):
             with anyio.fail_after(60):
                 first = await next_event()
                 assert first["position"] == 1
-                position = (await client.request("diagnostics"))["registry"]["position"]
+                position = (await client.call(DiagnosticsGet())).registry.position
                 while first["position"] < position:
                     first = await next_event()
                 # Something new is committed: the follower prints it.
-                await client.request("topics.create", TopicCreate(topic_id="followed"), TopicReply)
+                await client.call(TopicCreate(topic_id="followed"))
                 event = await next_event()
                 assert (event["type"], event["streamId"], event["position"]) == (
                     "topic.created", "topic-followed", position + 1)

@@ -16,15 +16,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus.api import Api
 from bus.app import _cancel_decoder
 from engine import protocol
 from storage.events import decode_event as decode_stored_event
+from wire.api import ENDPOINTS
 from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError
 from wire.messages import decode_topic_event
 
-API_DECODERS = {ep.subject("lama.api"): msgspec.json.Decoder(ep.request_type) for ep in Api(None).endpoints()}  # type: ignore[arg-type]
+API_DECODERS = {spec.subject("lama.api"): msgspec.json.Decoder(spec.request) for spec in ENDPOINTS}
 
 DECODERS: dict[str, Callable[[bytes], Any]] = {
     "topic event": decode_topic_event,

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 import msgspec
 import pytest
 
+from wire.api import DiagnosticsGet
 from wire.errors import ErrorCode, LamaError
 from wire.identity import person_id_for
 from wire.messages import (
@@ -109,8 +110,8 @@ async def test_unknown_model_fails_with_model_not_found(service, client):
 async def test_micro_service_answers_ping_and_diagnostics(service, client):
     ping = await client.nc.request("$SRV.PING.lamabus", b"", timeout=5)
     assert msgspec.json.decode(ping.data)["name"] == "lamabus"
-    diag = await client.request("diagnostics")
-    assert diag["registry"]["activeModelId"]
+    diag = await client.call(DiagnosticsGet())
+    assert diag.registry.active_model_id
 
 
 async def test_rejection_names_the_missing_field(service, client):

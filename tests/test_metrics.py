@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bus.publisher import MSG_ID
 from handlers.metrics import MeteredPublisher, ServiceMetrics
-from wire.api import MetricsReply
+from wire.api import MetricsGet
 from wire.errors import ErrorBody, ErrorCode, LamaError
 from wire.messages import (
     ChatMessage,
@@ -65,7 +65,7 @@ async def scrape_http(service) -> Samples:
 
 
 async def scrape_bus(client) -> Samples:
-    reply = await client.request("metrics", None, MetricsReply)
+    reply = await client.call(MetricsGet())
     assert reply.content_type.startswith("text/plain; version=")
     return parse(reply.text)
 

@@ -14,7 +14,7 @@ See ``docs/api.md`` for every endpoint.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -24,6 +24,7 @@ from wire.messages import Channel, MessageText, Timing, TopicId, Usage
 from wire.records import LLM, CatalogEntry, TopicInfo
 from wire.params import (
     BatchSize,
+    Defaults,
     ContextSize,
     FlashAttention,
     GenerationParams,
@@ -53,9 +54,12 @@ def valid_subject(subject: str) -> bool:
     return bool(_SUBJECT_RE.match(subject)) and len(subject) <= 256
 
 
-class _Request(msgspec.Struct, frozen=True, rename="camel", tag_field="type", forbid_unknown_fields=True,
+R = TypeVar("R")
+
+
+class ApiRequest(msgspec.Struct, Generic[R], frozen=True, rename="camel", tag_field="type", forbid_unknown_fields=True,
                kw_only=True, omit_defaults=True):
-    pass
+    """A request to ``<prefix>.api.<tag>``; ``R`` is its reply (the :data:`ENDPOINTS` table says so at run time)."""
 
 
 class _Reply(msgspec.Struct, frozen=True, rename="camel", tag_field="type", kw_only=True):
@@ -74,15 +78,15 @@ CatalogModel = CatalogEntry
 # ------------------------------------------------------------------------------------------ models
 
 
-class ModelsList(_Request, tag="models.list"):
+class ModelsList(ApiRequest["ModelListReply"], tag="models.list"):
     include_deleted: bool = False
 
 
-class ModelGet(_Request, tag="models.get"):
+class ModelGet(ApiRequest["ModelReply"], tag="models.get"):
     model_id: ModelIdRef
 
 
-class ModelImport(_Request, tag="models.import"):
+class ModelImport(ApiRequest["ModelReply"], tag="models.import"):
     """Register a GGUF file that lies in one of the service's model directories."""
 
     path: FilePath
@@ -94,7 +98,7 @@ class ModelImport(_Request, tag="models.import"):
     """Where to publish :class:`Progress` while the file is hashed (the caller subscribes first)."""
 
 
-class ModelPull(_Request, tag="models.pull"):
+class ModelPull(ApiRequest["ModelReply"], tag="models.pull"):
     """Download a catalogue model (id or alias) or a ``.gguf`` URL into the models directory, then import it."""
 
     ref: PullRef
@@ -103,7 +107,7 @@ class ModelPull(_Request, tag="models.pull"):
     """Where to publish :class:`Progress` while downloading (the caller subscribes first)."""
 
 
-class ModelUpdate(_Request, tag="models.update"):
+class ModelUpdate(ApiRequest["ModelReply"], tag="models.update"):
     model_id: ModelIdRef
     generation: GenerationParams | None = None
     load: ModelParams | None = None
@@ -115,19 +119,19 @@ class ModelUpdate(_Request, tag="models.update"):
     """What the model's conversations start with; null clears it (the service default applies); absent: unchanged."""
 
 
-class ModelActivate(_Request, tag="models.activate"):
+class ModelActivate(ApiRequest["ModelReply"], tag="models.activate"):
     model_id: ModelIdRef
 
 
-class ModelRemove(_Request, tag="models.remove"):
+class ModelRemove(ApiRequest["ModelReply"], tag="models.remove"):
     model_id: ModelIdRef
 
 
-class ModelLoad(_Request, tag="models.load"):
+class ModelLoad(ApiRequest["ModelLoadReply"], tag="models.load"):
     model_id: ModelIdRef
 
 
-class ModelUnload(_Request, tag="models.unload"):
+class ModelUnload(ApiRequest["ModelUnloadReply"], tag="models.unload"):
     model_id: ModelIdRef
 
 
@@ -165,7 +169,7 @@ class Progress(_Reply, tag="progress"):
 # ------------------------------------------------------------------------------------------ catalogue
 
 
-class CatalogList(_Request, tag="catalog.list"):
+class CatalogList(ApiRequest["CatalogReply"], tag="catalog.list"):
     pass
 
 
@@ -178,7 +182,7 @@ class CatalogReply(_Reply, tag="catalog"):
 # ------------------------------------------------------------------------------------------ topics
 
 
-class TopicCreate(_Request, tag="topics.create"):
+class TopicCreate(ApiRequest["TopicReply"], tag="topics.create"):
     topic_id: TopicId
     name: ShortText | None = None
     model_id: ModelIdRef | None = None
@@ -187,21 +191,21 @@ class TopicCreate(_Request, tag="topics.create"):
     """The topic's own system prompt, over its model's."""
 
 
-class TopicGet(_Request, tag="topics.get"):
+class TopicGet(ApiRequest["TopicReply"], tag="topics.get"):
     topic_id: TopicId
 
 
-class TopicList(_Request, tag="topics.list"):
+class TopicList(ApiRequest["TopicListReply"], tag="topics.list"):
     pass
 
 
-class TopicBind(_Request, tag="topics.bind"):
+class TopicBind(ApiRequest["TopicReply"], tag="topics.bind"):
     topic_id: TopicId
     model_id: ModelIdRef | None
     """Required; null unbinds (the topic follows the active model again)."""
 
 
-class TopicUpdate(_Request, tag="topics.update"):
+class TopicUpdate(ApiRequest["TopicReply"], tag="topics.update"):
     topic_id: TopicId
     system_prompt: MessageText | None
     """Required; null drops the topic's own prompt (its model's, else the default, applies)."""
@@ -218,7 +222,7 @@ class TopicListReply(_Reply, tag="topic.list"):
 # ------------------------------------------------------------------------------------------ llm (the seed's native module)
 
 
-class LlmInitialize(_Request, tag="llm.initialize"):
+class LlmInitialize(ApiRequest["LlmHandle"], tag="llm.initialize"):
     """Load a model and get an opaque handle: ``modelId`` (a registered model, its stored parameters
     apply) or ``modelPath`` (a file in a model directory), plus optional load overrides."""
 
@@ -252,7 +256,7 @@ class ChatTurnIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     content: MessageText
 
 
-class LlmGenerate(_Request, tag="llm.generate"):
+class LlmGenerate(ApiRequest["LlmResult"], tag="llm.generate"):
     """Exactly one of ``messages`` (chat, rendered with the model's template) or ``prompt`` (raw)."""
 
     handle: Handle
@@ -297,7 +301,7 @@ class LlmFailed(_Reply, tag="llm.failed"):
     error: ErrorBody
 
 
-class LlmRelease(_Request, tag="llm.release"):
+class LlmRelease(ApiRequest["LlmReleased"], tag="llm.release"):
     handle: Handle
 
 
@@ -305,7 +309,7 @@ class LlmReleased(_Reply, tag="llm.released"):
     handle: str
 
 
-class LlmCancel(_Request, tag="llm.cancel"):
+class LlmCancel(ApiRequest["LlmCancelReply"], tag="llm.cancel"):
     request_id: RequestId
 
 
@@ -322,3 +326,123 @@ class MetricsReply(_Reply, tag="metrics"):
 
     content_type: str
     text: str
+
+
+class MetricsGet(ApiRequest[MetricsReply], tag="metrics"):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+
+
+class RegistryDiagnostics(msgspec.Struct, frozen=True, rename="camel"):
+    models: int
+    live_models: int
+    active_model_id: str | None
+    loaded_models: list[str]
+    topics: int
+    events: int
+    position: int
+    db_path: str | None
+    db_size_bytes: int | None
+    model_dirs: list[str]
+
+
+class IntakeDiagnostics(msgspec.Struct, frozen=True, rename="camel"):
+    rejected: int
+    taken: int
+    in_flight: int
+    window: int
+    ack_wait: float
+    #: Accepted by the broker, not yet taken: the queue a burst waits in (None: the broker could not say).
+    waiting_in_stream: int | None = None
+
+
+class ServiceDiagnostics(msgspec.Struct, frozen=True, rename="camel"):
+    url: str | None
+    embedded: bool
+    prefix: str
+    intake: IntakeDiagnostics
+    defaults: Defaults
+    """What a message gets when neither it nor its model says otherwise (wire.params)."""
+    assistant: dict[str, Any] | None = None
+    """Topic lanes, queues per model and counters (their shape is the assistant's)."""
+    engine: dict[str, Any] | None = None
+    """Loaded models, workers, slots, memory (their shape is the engine's; see docs/api.md)."""
+
+
+class ApiDiagnostics(msgspec.Struct, frozen=True, rename="camel"):
+    llm_handles: list[str]
+    llm_running: list[str]
+    errors: dict[str, int]
+    """``<subject>.<code>`` -> errors answered since the process started."""
+
+
+class Diagnostics(_Reply, tag="diagnostics"):
+    service: ServiceDiagnostics
+    registry: RegistryDiagnostics
+    api: ApiDiagnostics
+
+
+class DiagnosticsGet(ApiRequest[Diagnostics], tag="diagnostics"):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+class EndpointSpec(msgspec.Struct, frozen=True):
+    """One endpoint: its request and reply types, said once. The service registers from this table,
+    the client calls through it, and docs/asyncapi.yaml and docs/schemas/ are generated from it."""
+
+    request: type[ApiRequest[Any]]
+    reply: type
+    description: str
+    concurrent: bool = False
+    """Each request runs in its own task (long handlers: pull, load, generate)."""
+
+    @property
+    def name(self) -> str:
+        """``models.get``: the request's tag, and the subject after ``<prefix>.api.``."""
+        return self.request.__struct_config__.tag  # type: ignore[return-value]
+
+    def subject(self, api_prefix: str) -> str:
+        return f"{api_prefix}.{self.name}"
+
+
+ENDPOINTS: tuple[EndpointSpec, ...] = (
+    EndpointSpec(ModelsList, ModelListReply, "registered models (the seed's LLM records)"),
+    EndpointSpec(ModelGet, ModelReply, "one model record"),
+    EndpointSpec(ModelImport, ModelReply, "register a GGUF file from a model directory", concurrent=True),
+    EndpointSpec(ModelPull, ModelReply, "download a catalogue model or .gguf URL and import it", concurrent=True),
+    EndpointSpec(ModelUpdate, ModelReply, "change a model's stored parameters"),
+    EndpointSpec(ModelActivate, ModelReply, "make a model the active one"),
+    EndpointSpec(ModelRemove, ModelReply, "unload and soft-delete a model", concurrent=True),
+    EndpointSpec(ModelLoad, ModelLoadReply, "load a model now", concurrent=True),
+    EndpointSpec(ModelUnload, ModelUnloadReply, "unload a model now", concurrent=True),
+    EndpointSpec(CatalogList, CatalogReply, "models lamabus knows how to get"),
+    EndpointSpec(TopicCreate, TopicReply, "create a topic room"),
+    EndpointSpec(TopicGet, TopicReply, "one topic and who answers there"),
+    EndpointSpec(TopicList, TopicListReply, "every topic"),
+    EndpointSpec(TopicBind, TopicReply, "bind a topic to a model (null: follow the active one)"),
+    EndpointSpec(TopicUpdate, TopicReply, "set or clear the topic's system prompt"),
+    EndpointSpec(LlmInitialize, LlmHandle, "load a model, get an opaque handle", concurrent=True),
+    EndpointSpec(LlmGenerate, LlmResult, "generate; reply with the result", concurrent=True),
+    EndpointSpec(LlmGenerateStream, LlmResult, "generate, publishing each chunk on the caller's subject",
+                 concurrent=True),
+    EndpointSpec(LlmCancel, LlmCancelReply, "stop a running llm.generate/generate_stream"),
+    EndpointSpec(LlmRelease, LlmReleased, "release a handle", concurrent=True),
+    EndpointSpec(DiagnosticsGet, Diagnostics, "what the service holds and how it is doing"),
+    EndpointSpec(MetricsGet, MetricsReply, "Prometheus metrics in the text exposition format"),
+)
+
+_BY_REQUEST: dict[type, EndpointSpec] = {spec.request: spec for spec in ENDPOINTS}
+
+
+def endpoint_for(request: ApiRequest[Any] | type[ApiRequest[Any]]) -> EndpointSpec:
+    """The table's row for a request (or request type)."""
+    kind = request if isinstance(request, type) else type(request)
+    try:
+        return _BY_REQUEST[kind]
+    except KeyError:
+        raise TypeError(f"{kind.__name__} is not a request of the lamabus API") from None
