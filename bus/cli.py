@@ -71,16 +71,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(flags, config_file=getattr(args, "config", None))
 
 
-def client_url(settings: Settings) -> str:
-    """Where a client connects: the configured broker, else a local embedded one, else the NATS default."""
-    if settings.nats_url:
-        return settings.nats_url
-    try:
-        return settings.embedded_url_file.read_text().strip() or "nats://127.0.0.1:4222"
-    except OSError:
-        return "nats://127.0.0.1:4222"
-
-
 #: ``serve``'s exit status when its NATS client went deaf (sysexits' EX_TEMPFAIL: start me again).
 EXIT_CLIENT_DEAF = 75
 
@@ -101,7 +91,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _chat(args: argparse.Namespace, settings: Settings) -> int:
     from bus.chat import run_chat
 
-    return anyio.run(run_chat, args, client_url(settings), settings.prefix)
+    return anyio.run(run_chat, args, settings.client_url(), settings.prefix)
 
 
 def main(argv: list[str] | None = None) -> int:

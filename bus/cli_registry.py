@@ -9,7 +9,7 @@
 
 Every command prints a table for people, or with ``--json`` the API's reply
 as JSON (camelCase) for scripts. ``models``/``catalog``/``topics`` talk to a
-running service over ``<prefix>.api.*`` (``client_url`` finds it). ``registry
+running service over ``<prefix>.api.*`` (``Settings.client_url`` finds it). ``registry
 events``/``registry rebuild`` read the SQLite registry file under the data
 directory directly, so they work with the service stopped; ``rebuild``
 compares what it rebuilt with the running service's incrementally kept state
@@ -96,10 +96,9 @@ async def _call(settings: Settings, request: ApiRequest[Any], *, timeout: float,
     """Call the endpoint of ``request``; ``progress``: (description, the request made for a progress subject)."""
     import nats.errors
 
-    from bus.cli import client_url
     from bus.client import LamabusClient
 
-    url = client_url(settings)
+    url = settings.client_url()
     subject = endpoint_for(request).subject(f"{settings.prefix}.api")
     async with LamabusClient.connect(url, prefix=settings.prefix) as client:
         try:
@@ -375,12 +374,11 @@ class _Snapshot(msgspec.Struct, frozen=True, rename="camel"):
 
 async def _service_snapshot(settings: Settings, timeout: float) -> _Snapshot | None:
     """The running service's incrementally kept state at one position, or None if no service answers."""
-    from bus.cli import client_url
     from bus.client import LamabusClient
     from wire.api import DiagnosticsGet, ModelsList, TopicList
 
     try:
-        async with LamabusClient.connect(client_url(settings), prefix=settings.prefix) as client:
+        async with LamabusClient.connect(settings.client_url(), prefix=settings.prefix) as client:
             for _attempt in range(5):
                 before = (await client.call(DiagnosticsGet(), timeout=timeout)).registry
                 models = await client.call(ModelsList(include_deleted=True), timeout=timeout)

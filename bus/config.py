@@ -95,6 +95,15 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def models_dir(self) -> Path:
         return self.data_path / "models"
 
+    def client_url(self) -> str:
+        """Where a client connects: the configured broker, else a local embedded one, else the NATS default."""
+        if self.nats_url:
+            return self.nats_url
+        try:
+            return self.embedded_url_file.read_text().strip() or "nats://127.0.0.1:4222"
+        except OSError:
+            return "nats://127.0.0.1:4222"
+
     @property
     def embedded_url_file(self) -> Path:
         """Where a running embedded broker leaves its URL, so local clients find it."""

@@ -515,11 +515,10 @@ async def _replay_main(args: argparse.Namespace, url: str, prefix: str, since: d
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from bus.cli import client_url
 
     since = parse_since(args.since) if args.since else None
     try:
-        return anyio.run(_replay_main, args, client_url(settings), settings.prefix, since)
+        return anyio.run(_replay_main, args, settings.client_url(), settings.prefix, since)
     except BrokenPipeError:  # `lamabus replay demo | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's final flush
         return 0
