@@ -21,7 +21,6 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import anyio
 import msgspec
-from msgspec import UNSET
 
 from nats.aio.client import Client
 
@@ -86,10 +85,6 @@ MAX_HANDLES = 32
 """``llm.initialize`` handles open at once; more is ``busy`` (each may hold a model in memory)."""
 PROGRESS_INTERVAL = 0.1
 """Seconds between two progress events of one pull/import (the last one is always sent)."""
-
-
-def _has_values(params: msgspec.Struct | None) -> bool:
-    return params is not None and any(getattr(params, f) is not None for f in params.__struct_fields__)
 
 
 def _bad(message: str, field: str, **details: Any) -> LamaError:
@@ -182,24 +177,9 @@ class Api:
         return ModelReply(model=m)
 
     async def models_update(self, req: ModelUpdate) -> ModelReply:
-        """Parameters, then the system prompt (two appends when both change; each is atomic)."""
-        change_params = req.reset or _has_values(req.generation) or _has_values(req.load)
-        change_prompt = req.system_prompt is not UNSET
-        if not change_params and not change_prompt:
-            raise _bad("nothing to change: give generation, load, reset or systemPrompt", "$.generation",
-                       model_id=req.model_id)
-        if change_params:
-            m = await self.registry.update_params(req.model_id, req.generation, req.load, reset=req.reset,
-                                                  expected_version=req.expected_version)
-        else:
-            m = await self.registry.get_model(req.model_id, include_deleted=False)
-            if req.expected_version is not None and m.version != req.expected_version:
-                raise LamaError(ErrorCode.CONFLICT, f"model {req.model_id!r} is at version {m.version}, "
-                                f"not {req.expected_version}", model_id=req.model_id, version=m.version,
-                                expected_version=req.expected_version)
-        if change_prompt:
-            m = await self.registry.set_model_system_prompt(req.model_id, req.system_prompt)  # type: ignore[arg-type]
-        return ModelReply(model=m)
+        return ModelReply(model=await self.registry.update_model(
+            req.model_id, generation=req.generation, load=req.load, reset=req.reset,
+            system_prompt=req.system_prompt, expected_version=req.expected_version))
 
     async def models_activate(self, req: ModelActivate) -> ModelReply:
         return ModelReply(model=await self.registry.activate(req.model_id))

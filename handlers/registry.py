@@ -38,6 +38,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from engine.gguf import ModelInfo, read_model_info
 from engine.types import ChatTurn, ModelConfig
@@ -65,6 +66,7 @@ from storage.events import (
 from storage.projections import DEFAULT_HISTORY_TURNS, LLM, Projections, TopicRoom, Turn
 from storage.sqlite import SqliteEventStore
 from storage.store import ANY, NO_STREAM, AppendRequest, EventStore, NewEvent
+from storage.store import conflict as store_conflict
 from wire.api import RegistryDiagnostics
 from wire.errors import ErrorCode, LamaError
 from wire.identity import slugify
@@ -367,6 +369,39 @@ class Registry:
                                         load=load if _has_values(load) else None, reset=reset)
             expected = m.version if expected_version is None else expected_version
             return [AppendRequest(model_stream(model_id), [ev], expected)]
+
+        await self._execute(decide, retry=expected_version is None)
+        return self.view.models[model_id]
+
+    async def update_model(self, model_id: str, *, generation: GenerationParams | None = None,
+                           load: ModelParams | None = None, reset: bool = False,
+                           system_prompt: str | None | UnsetType = UNSET,
+                           expected_version: int | None = None) -> LLM:
+        """``models.update``: parameters and/or the system prompt, in one atomic append.
+
+        ``system_prompt`` UNSET leaves it; None clears it (the service default). ``expected_version``:
+        the ``version`` the caller saw; ``conflict`` if it moved on (also when only the prompt changes).
+        """
+        change_params = reset or _has_values(generation) or _has_values(load)
+        if not change_params and system_prompt is UNSET:
+            raise LamaError(ErrorCode.BAD_REQUEST, "nothing to change: give generation, load, reset or systemPrompt",
+                            model_id=model_id, field="$.generation")
+
+        def decide(view: Projections) -> list[AppendRequest] | None:
+            m = self._live(view, model_id)
+            at = self._now()
+            events: list[DomainEvent] = []
+            if change_params:
+                events.append(ModelParametersChanged(at=at, generation=generation if _has_values(generation) else None,
+                                                     load=load if _has_values(load) else None, reset=reset))
+            if system_prompt is not UNSET and system_prompt != m.system_prompt:
+                events.append(ModelSystemPromptSet(at=at, system_prompt=system_prompt))
+            expected = m.version if expected_version is None else expected_version
+            if not events:
+                if expected != m.version:
+                    raise store_conflict(model_stream(model_id), expected, m.version)
+                return None
+            return [AppendRequest(model_stream(model_id), events, expected)]
 
         await self._execute(decide, retry=expected_version is None)
         return self.view.models[model_id]

@@ -490,3 +490,22 @@ async def test_system_prompt_topic_over_model_over_default(tmp_path, model_path)
     async with Registry.open(tmp_path / "r.sqlite3", [model_path.parent]) as reg:  # replayed from the log
         assert reg.view.topics["t1"].system_prompt == "Answer in French."
         assert reg.view.models[model.id].system_prompt == "Be brief."
+
+
+async def test_update_model_changes_parameters_and_prompt_in_one_atomic_append(registry: Registry, models_dir: Path):
+    a, _ = await _two(registry, models_dir)
+    before = await registry.store.last_position()
+    m = await registry.update_model("a", generation=GenerationParams(temperature=0.2), system_prompt="Be terse.",
+                                    expected_version=a.version)
+    appended = await registry.store.read_all(after=before)
+    assert [(e.stream_id, e.version) for e in appended] == [("model-a", a.version + 1), ("model-a", a.version + 2)]
+    assert {e.position for e in appended} == {before + 1, before + 2}
+    assert (m.temperature, m.system_prompt, m.version) == (0.2, "Be terse.", a.version + 2)
+    # The version check covers a prompt-only change too, and a stale one writes nothing.
+    with pytest.raises(LamaError) as exc:
+        await registry.update_model("a", system_prompt=None, expected_version=a.version)
+    assert exc.value.code is ErrorCode.CONFLICT
+    assert await registry.store.last_position() == before + 2
+    with pytest.raises(LamaError) as exc:
+        await registry.update_model("a")
+    assert exc.value.code is ErrorCode.BAD_REQUEST
