@@ -11,8 +11,11 @@ token in C from a per-generation sampler chain.
 from __future__ import annotations
 
 import ctypes
+import json
+import math
 import os
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -41,6 +44,12 @@ def check_build(system_info: str) -> None:
         )
 
 
+# llama-cpp-python 0.3.36's schema converter lets control characters (a raw newline) into JSON
+# strings, which JSON parsers refuse; llama.cpp's own converter has since excluded them.
+_LOOSE_CHAR = r'char ::= [^"\\] |'
+_STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
 class Llama:
     """A loaded model and its context. Implements the scheduler's ``KvCache`` port."""
 
@@ -63,11 +72,14 @@ class Llama:
         self.n_seq = 0
         self._log_cb = None
         self._forwarding = False
+        self._captured: list[str] | None = None
 
     # ---- logs -----------------------------------------------------------
 
     def _log(self, level: int, text: bytes, _user: Any) -> None:
         s = text.decode("utf-8", errors="replace") if text else ""
+        if self._captured is not None:
+            self._captured.append(s)
         if level == _GGML_LOG_CONT and self.log_tail:
             self.log_tail[-1] += s
             forward = self._forwarding
@@ -136,6 +148,8 @@ class Llama:
             self.batch.n_seq_id[i] = 1
         self._seq_ptrs = [self.batch.seq_id[i] for i in range(self.n_batch)]
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._one = ll.llama_token_data()
+        self._one_arr = ll.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
 
         raw = ll.llama_model_chat_template(model, None)
@@ -239,11 +253,14 @@ class Llama:
 
     # ---- samplers -------------------------------------------------------
 
-    def make_chain(self, s: SamplingParams) -> Any:
+    def make_chain(self, s: SamplingParams, first: Any = None) -> Any:
+        """The C sampler chain for ``s``; ``first`` (a grammar) goes before the others, owned by the chain."""
         ll = self.ll
         sp = ll.llama_sampler_chain_default_params()
         sp.no_perf = True
         chain = ll.llama_sampler_chain_init(sp)
+        if first is not None:
+            ll.llama_sampler_chain_add(chain, first)
         if s.temperature <= 0.0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
         else:
@@ -255,6 +272,65 @@ class Llama:
             seed = s.seed if s.seed is not None else ll.LLAMA_DEFAULT_SEED
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
         return chain
+
+    # ---- grammars -------------------------------------------------------
+
+    def make_grammar(self, s: SamplingParams) -> tuple[Any, Any]:
+        """``(grammar, chain)`` for ``s.grammar`` / ``s.json_schema``: the grammar sampler (for the
+        fast check) and a chain that applies it to every candidate before sampling (the resample),
+        which owns it. A grammar llama.cpp cannot parse is a ``bad_request`` naming the field."""
+        if s.json_schema is not None:
+            from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+            field = "params.jsonSchema"
+            try:
+                gbnf = json_schema_to_gbnf(json.dumps(s.json_schema)).replace(_LOOSE_CHAR, _STRICT_CHAR)
+            except Exception as exc:  # the converter reports with assert, KeyError, AttributeError, ...
+                raise LamaError(
+                    ErrorCode.BAD_REQUEST, f"{field} cannot be turned into a grammar: {exc or type(exc).__name__}",
+                    field=field,
+                ) from None
+        else:
+            assert s.grammar is not None
+            field, gbnf = "params.grammar", s.grammar
+        grammar = self._init_grammar(gbnf, field)
+        return grammar, self.make_chain(s, first=grammar)
+
+    def _init_grammar(self, gbnf: str, field: str) -> Any:
+        # llama.cpp's parser prints its reason with fprintf(stderr) and the checks after it log
+        # through the callback; both are caught here so that the reason reaches the caller.
+        ll = self.ll
+        self._captured = []
+        saved = os.dup(2)
+        try:
+            with tempfile.TemporaryFile() as tmp:
+                sys.stderr.flush()
+                os.dup2(tmp.fileno(), 2)
+                try:
+                    grammar = ll.llama_sampler_init_grammar(self.vocab, gbnf.encode("utf-8"), b"root")
+                finally:
+                    os.dup2(saved, 2)
+                tmp.seek(0)
+                printed = tmp.read().decode("utf-8", errors="replace")
+            logged = self._captured
+        finally:
+            os.close(saved)
+            self._captured = None
+        if grammar:
+            return grammar
+        # llama-cpp-python would add a NULL sampler to a chain unchecked; it never gets that far.
+        raise LamaError(ErrorCode.BAD_REQUEST, f"{field} does not parse: {_grammar_reason(printed, logged)}", field=field)
+
+    def grammar_allows(self, grammar: Any, tok: int) -> bool:
+        """The grammar's verdict on one token: llama.cpp's check before a resample (cheap: one candidate)."""
+        one, arr = self._one, self._one_arr
+        one.id, one.logit, one.p = tok, 0.0, 0.0
+        arr.size, arr.selected, arr.sorted = 1, -1, False
+        self.ll.llama_sampler_apply(grammar, ctypes.byref(arr))
+        return one.logit != -math.inf
+
+    def grammar_accept(self, grammar: Any, tok: int) -> None:
+        self.ll.llama_sampler_accept(grammar, tok)
 
     def free_sampler(self, smpl: Any) -> None:
         self.ll.llama_sampler_free(smpl)
@@ -295,3 +371,14 @@ class Llama:
     def seq_cp(self, src: int, dst: int) -> None:
         self.ll.llama_memory_seq_cp(self.mem, src, dst, -1, -1)  # non-unified: a stream copy, done in the next decode
 
+
+def _grammar_reason(printed: str, logged: list[str]) -> str:
+    for line in printed.splitlines():
+        if "error parsing grammar:" in line:
+            reason = line.split("error parsing grammar:", 1)[1].strip()
+            break
+    else:
+        # the log callback forwards errors to stderr as well: the logged lines alone, or what was printed
+        lines = [x.strip() for x in logged if x.strip() and x.strip() != "failed to parse grammar"]
+        reason = "; ".join(lines) or printed.strip().partition("\n")[0] or "llama.cpp gave no reason"
+    return reason if len(reason) <= 300 else reason[:300] + "…"

@@ -454,6 +454,10 @@ class Engine:
     def _validate_request(request: GenerateRequest) -> GenerateRequest:
         if not isinstance(request, GenerateRequest):
             raise LamaError(ErrorCode.BAD_REQUEST, "request must be a GenerateRequest", field="request")
+        s = request.sampling
+        if s.grammar is not None and s.json_schema is not None:
+            raise LamaError(ErrorCode.BAD_REQUEST, "give params.grammar or params.jsonSchema, not both",
+                            field="params.grammar")
         try:
             _sampling_decoder.decode(_json.encode(request.sampling))
         except msgspec.ValidationError as exc:

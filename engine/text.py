@@ -127,6 +127,7 @@ class TextPipeline:
         self._stop = StopMatcher(stops)
         self._content: list[str] = []
         self._thinking: list[str] = []
+        self._content_begun = False
 
     @property
     def stopped(self) -> str | None:
@@ -140,6 +141,27 @@ class TextPipeline:
     @property
     def thinking(self) -> str:
         return "".join(self._thinking)
+
+    @property
+    def in_thinking(self) -> bool:
+        return self._think.thinking
+
+    def takes_grammar(self, piece: bytes) -> bool:
+        """Whether a grammar on the reply's content judges the next generated token, ``piece``.
+
+        A thinking block passes unconstrained: tokens inside one (its closing tag included)
+        and, while the content has not begun, a token that opens one or whitespace after one
+        (the content drops it). The first token judged begins the content; from then on every
+        token is judged, so a content that begins like a tag is the grammar's to allow.
+        """
+        if self._think.thinking:
+            return False
+        if not self._content_begun:
+            text = piece.decode("utf-8", errors="replace").lstrip()
+            if text.startswith(THINK_OPEN) or (self._think._strip_content and not text):
+                return False
+            self._content_begun = True
+        return True
 
     def feed(self, data: bytes) -> list[Piece]:
         return self._route(self._think.feed(self._utf8.decode(data)))

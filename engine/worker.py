@@ -62,14 +62,16 @@ def _now_ms() -> float:
 
 class _Gen(Gen):
     __slots__ = (
-        "req", "chain", "pipeline", "n_gen", "t_recv", "t_start", "t_start_ms", "t_first", "dropped", "truncated",
-        "start_thinking",
+        "req", "chain", "grammar", "gchain", "pipeline", "n_gen", "t_recv", "t_start", "t_start_ms", "t_first",
+        "dropped", "truncated", "start_thinking",
     )
 
     def __init__(self, gid: int, req: GenerateRequest) -> None:
         super().__init__(gid, req.conversation)
         self.req = req
         self.chain: Any = None
+        self.grammar: Any = None  # the grammar sampler inside gchain, for the one-token check
+        self.gchain: Any = None  # grammar, then the sampling chain: the resample, when the check rejects
         self.pipeline: TextPipeline | None = None
         self.n_gen = 0
         self.t_recv = time.perf_counter()
@@ -152,13 +154,27 @@ class Worker:
             if self.sched is None:
                 self.emit(Failed(cmd.gid, ErrorCode.INTERNAL, "no model is loaded in this worker"))
             else:
-                self.waiting.append(_Gen(cmd.gid, cmd.request))
+                self.receive(_Gen(cmd.gid, cmd.request))
         elif isinstance(cmd, Load):
             self.load(cmd)
             self.flush()
         elif isinstance(cmd, Shutdown):
             return False
         return True  # Cancel: already recorded by the reader thread
+
+    def receive(self, g: _Gen) -> None:
+        s = g.req.sampling
+        if s.grammar is not None or s.json_schema is not None:
+            # Compiled on arrival, not when a slot frees up: a bad grammar fails at once.
+            try:
+                g.grammar, g.gchain = self.llama.make_grammar(s)
+            except LamaError as exc:
+                self.emit(Failed(g.gid, exc.code.value, exc.message, exc.details))
+                return
+            except Exception as exc:
+                self.emit(Failed(g.gid, ErrorCode.INTERNAL.value, f"grammar setup failed: {exc!r}"))
+                return
+        self.waiting.append(g)
 
     def load(self, cmd: Load) -> None:
         t0 = time.perf_counter()
@@ -174,10 +190,16 @@ class Worker:
 
     def close(self) -> None:
         for g in list(self.active) + list(self.waiting):
-            if g.chain:
-                self.llama.free_sampler(g.chain)
-                g.chain = None
+            self._free_samplers(g)
         self.llama.close()
+
+    def _free_samplers(self, g: _Gen) -> None:
+        if g.chain:
+            self.llama.free_sampler(g.chain)
+            g.chain = None
+        if g.gchain:
+            self.llama.free_sampler(g.gchain)  # and the grammar it owns
+            g.gchain = g.grammar = None
 
     # ---- admission ------------------------------------------------------
 
@@ -195,6 +217,7 @@ class Worker:
                 tokens = tokens[:keep_bos] + tokens[len(tokens) - (budget - keep_bos) :]
                 g.truncated = True
             text = req.prompt
+            g.start_thinking = self.llama.template.starts_in_thinking(text)  # a raw prompt may open one too
         else:
             add_bos = self.llama.add_bos
 
@@ -280,11 +303,27 @@ class Worker:
             g: _Gen = seg.gen  # type: ignore[assignment]
             try:
                 tok = self.llama.sample(g.chain, idx)
+                if g.grammar is not None:
+                    tok = self.constrain(g, tok, idx)
                 self.on_token(g, tok)
             except Exception as exc:
                 self.emit(Failed(g.gid, ErrorCode.INTERNAL.value, f"generation failed: {exc!r}"))
                 sched.drop(g.slot)
                 self.release(g)
+
+    def constrain(self, g: _Gen, tok: int, idx: int) -> int:
+        """llama.cpp's fast path: keep the freely sampled token when the grammar allows it, and pay
+        for the grammar over the whole vocabulary (the resample) only when it does not."""
+        llama, pipeline = self.llama, g.pipeline
+        assert pipeline is not None
+        eog = llama.is_eog(tok)
+        # An end-of-generation token has no text: the grammar judges it unless inside a thinking block.
+        if pipeline.in_thinking if eog else not pipeline.takes_grammar(llama.piece(tok)):
+            return tok
+        if llama.grammar_allows(g.grammar, tok):
+            llama.grammar_accept(g.grammar, tok)
+            return tok
+        return llama.sample(g.gchain, idx)  # accepts its pick into the grammar
 
     def on_token(self, g: _Gen, tok: int) -> None:
         if not g.req.ignore_eos and self.llama.is_eog(tok):
@@ -342,9 +381,7 @@ class Worker:
         self.release(g)
 
     def release(self, g: _Gen, *, stats: bool = True) -> None:
-        if g.chain:
-            self.llama.free_sampler(g.chain)
-            g.chain = None
+        self._free_samplers(g)
         assert self.sched is not None
         self.sched.release(g)
         if stats:

@@ -311,4 +311,7 @@ def _with_params(m: LLM, generation: GenerationParams | None, load: ModelParams 
             value = getattr(params, f)
             if value is not None:
                 changes[f] = tuple(value) if f == "stop" else value
+    if generation is not None and (generation.grammar is not None or generation.json_schema is not None):
+        # one setting: a new grammar replaces a stored schema and the other way round
+        changes["grammar"], changes["json_schema"] = generation.grammar, generation.json_schema
     return replace(m, **changes) if changes else m

@@ -8,7 +8,7 @@ parameters, which override :data:`DEFAULTS`. Resolution happens once, in
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -19,6 +19,10 @@ TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 TopK = Annotated[int, Meta(ge=0, le=1000)]
 Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 StopList = Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=8)]
+#: GBNF text (llama.cpp grammar); the engine compiles it before the reply starts.
+Grammar = Annotated[str, Meta(min_length=1, max_length=1 << 16)]
+#: A JSON Schema object, converted to a grammar by llama-cpp-python's converter.
+JsonSchema = dict[str, Any]
 ContextSize = Annotated[int, Meta(ge=64, le=1 << 20)]
 BatchSize = Annotated[int, Meta(ge=1, le=1 << 16)]
 GpuLayers = Annotated[int, Meta(ge=-1, le=10_000)]
@@ -72,7 +76,11 @@ DEFAULTS = Defaults()
 
 
 class GenerationParams(msgspec.Struct, frozen=True, rename="camel", forbid_unknown_fields=True, omit_defaults=True):
-    """Optional per-message or per-model overrides; ``None`` means "not set here"."""
+    """Optional per-message or per-model overrides; ``None`` means "not set here".
+
+    ``grammar`` and ``json_schema`` constrain the reply's content (not a thinking block);
+    they are one setting: a layer that sets either replaces both of a lower layer's.
+    """
 
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
@@ -80,12 +88,21 @@ class GenerationParams(msgspec.Struct, frozen=True, rename="camel", forbid_unkno
     top_k: TopK | None = None
     stop: StopList | None = None
     seed: Seed | None = None
+    grammar: Grammar | None = None
+    json_schema: JsonSchema | None = None
+
+    def __post_init__(self) -> None:
+        # Raised while decoding too, where msgspec turns it into a ValidationError (bad_request).
+        if self.grammar is not None and self.json_schema is not None:
+            raise ValueError("give grammar or jsonSchema, not both")
 
     def over(self, base: "GenerationParams | None") -> "GenerationParams":
         """These overrides laid over ``base`` (fields set here win)."""
         if base is None:
             return self
         merged = {f: getattr(self, f) if getattr(self, f) is not None else getattr(base, f) for f in self.__struct_fields__}
+        if self.grammar is not None or self.json_schema is not None:
+            merged["grammar"], merged["json_schema"] = self.grammar, self.json_schema
         return GenerationParams(**merged)
 
 
@@ -98,21 +115,34 @@ class SamplingParams(msgspec.Struct, frozen=True, rename="camel"):
     top_k: int
     stop: tuple[str, ...]
     seed: int | None
+    grammar: str | None = None
+    json_schema: JsonSchema | None = None
 
     @classmethod
     def resolve(cls, *layers: GenerationParams | None, defaults: Defaults = DEFAULTS) -> "SamplingParams":
-        """Resolve layers, most specific first, over ``defaults``."""
+        """Resolve layers, most specific first, over ``defaults``.
+
+        Under a grammar or schema the default stop sequences do not apply: the grammar says
+        where the reply ends, and a stop inside it would cut a reply that must parse.
+        """
         merged = GenerationParams()
         for layer in reversed(layers):
             if layer is not None:
                 merged = layer.over(merged)
+        constrained = merged.grammar is not None or merged.json_schema is not None
+        if merged.stop is not None:
+            stop = tuple(merged.stop)
+        else:
+            stop = () if constrained else defaults.stop
         return cls(
             max_tokens=merged.max_tokens if merged.max_tokens is not None else defaults.max_tokens,
             temperature=merged.temperature if merged.temperature is not None else defaults.temperature,
             top_p=merged.top_p if merged.top_p is not None else defaults.top_p,
             top_k=merged.top_k if merged.top_k is not None else defaults.top_k,
-            stop=tuple(merged.stop) if merged.stop is not None else defaults.stop,
+            stop=stop,
             seed=merged.seed if merged.seed is not None else defaults.seed,
+            grammar=merged.grammar,
+            json_schema=merged.json_schema,
         )
 
 

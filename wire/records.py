@@ -8,13 +8,13 @@ storage projects into them, handlers return them, the API sends them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from wire.params import GenerationParams, ModelParams
 
-GENERATION_FIELDS = GenerationParams.__struct_fields__  # max_tokens, temperature, top_p, top_k, stop, seed
+GENERATION_FIELDS = GenerationParams.__struct_fields__  # max_tokens, temperature, ..., seed, grammar, json_schema
 LOAD_FIELDS = ModelParams.__struct_fields__  # context_size, batch_size, gpu_layers, threads, parallel, flash_attention
 
 
@@ -66,6 +66,8 @@ class LLM(msgspec.Struct, frozen=True, rename="camel"):
     parameter_count: int | None = None
     stop: tuple[str, ...] | None = None
     seed: int | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
     gpu_layers: int | None = None
     parallel: int | None = None
     flash_attention: str | None = None
