@@ -6,28 +6,24 @@ error reply. Long handlers (pull, import, load, the ``llm`` calls) are
 ``concurrent``: one slow request never holds up the next.
 
 ``llm.*`` is the seed's native-module API (initialize / generate /
-generateStream / release) over the bus. Handles made here are this module's
-own: ``llm.generate`` and ``llm.release`` accept only those, never the handles
-the models runtime holds for the assistant (which diagnostics shows).
+generateStream / release) over the bus; its sessions live in
+handlers/llm_sessions.py, and this module only publishes a stream's chunks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
 import anyio
-import msgspec
 
 from nats.aio.client import Client
 
 from bus.service import ERROR_COUNTS, Endpoint
 from engine.runtime import Engine
-from engine.types import ChatTurn, GenerateRequest, GenerationResult, ModelConfig, TokenChunk
 from handlers.catalog import list_catalog, pull
+from handlers.llm_sessions import LlmSessions
 from handlers.models_runtime import ModelsRuntime
 from handlers.registry import ProgressCallback, Registry
 from wire.api import (
@@ -75,14 +71,11 @@ from wire.api import (
 )
 from wire.errors import ErrorCode, LamaError
 from wire.messages import encode
-from wire.params import GenerationParams, SamplingParams
 
 
 class MetricsSource(Protocol):
     def exposition(self) -> tuple[bytes, str]: ...
 
-MAX_HANDLES = 32
-"""``llm.initialize`` handles open at once; more is ``busy`` (each may hold a model in memory)."""
 PROGRESS_INTERVAL = 0.1
 """Seconds between two progress events of one pull/import (the last one is always sent)."""
 
@@ -91,17 +84,10 @@ def _bad(message: str, field: str, **details: Any) -> LamaError:
     return LamaError(ErrorCode.BAD_REQUEST, message, field=field, **details)
 
 
-class _ApiHandle(msgspec.Struct):
-    model_id: str | None
-    config: ModelConfig
-    params: GenerationParams | None
-    created: float
-
-
 class Api:
     """The handlers; one per service, given what they work with (never the service itself).
 
-    ``handles``/``running``: this API's own llm handles and generations.
+    ``llm``: this API's own llm handles and generations (handlers/llm_sessions.py).
     ``service_diagnostics``: the service's own part of ``diagnostics`` (url, intake, assistant, engine).
     """
 
@@ -115,8 +101,7 @@ class Api:
         self.prefix = prefix
         self.service_diagnostics = service_diagnostics
         self.metrics_source = metrics
-        self.handles: dict[str, _ApiHandle] = {}
-        self.running: dict[str, str] = {}  # client request id -> engine request id
+        self.llm = LlmSessions(registry, engine)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -223,99 +208,24 @@ class Api:
     async def topics_bind(self, req: TopicBind) -> TopicReply:
         return TopicReply(topic=await self.registry.bind_topic(req.topic_id, req.model_id))
 
-    # ------------------------------------------------------------------ llm
-
-    def _model_path(self, model_path: str) -> tuple[str, str | None]:
-        """(resolved path, registered model id) for a path: a live model's file, or a file in a model directory."""
-        resolved = str(Path(model_path).expanduser().resolve())
-        for m in self.registry.view.live_models():
-            if m.model_path == resolved:
-                return resolved, m.id
-        try:
-            return str(self.registry.resolve_import_path(model_path)), None
-        except LamaError as exc:
-            exc.details["field"] = "$.modelPath"
-            raise
+    # ------------------------------------------------------------------ llm (sessions live in handlers/)
 
     async def llm_initialize(self, req: LlmInitialize) -> LlmHandle:
-        if (req.model_id is None) == (req.model_path is None):
-            raise _bad("give exactly one of modelId (a registered model) or modelPath", "$.modelId")
-        if len(self.handles) >= MAX_HANDLES:
-            raise LamaError(ErrorCode.BUSY, f"{len(self.handles)} llm handles are open; release one first",
-                            handles=len(self.handles), max_handles=MAX_HANDLES)
-        params: GenerationParams | None = None
-        if req.model_id is not None:
-            m = await self.registry.get_model(req.model_id, include_deleted=False)
-            model_id: str | None = m.id
-            config = ModelConfig.resolve(m.model_path, req.load_params(), m.model_params())
-            params = m.generation_params()
-        else:
-            await self.registry.refresh()
-            assert req.model_path is not None
-            path, model_id = self._model_path(req.model_path)
-            config = ModelConfig.resolve(path, req.load_params())
-        handle = await self.engine.initialize(config)
-        self.handles[handle] = _ApiHandle(model_id=model_id, config=config, params=params, created=time.time())
-        return LlmHandle(handle=handle, model_id=model_id, model_path=config.model_path, context_size=config.n_ctx,
-                         batch_size=config.n_batch, gpu_layers=config.n_gpu_layers, threads=config.n_threads,
-                         parallel=config.n_seq_max)
-
-    def _handle(self, handle: str) -> _ApiHandle:
-        info = self.handles.get(handle)
-        if info is None:
-            raise LamaError(ErrorCode.NOT_FOUND, f"unknown or released handle {handle!r}", handle=handle,
-                            field="$.handle")
-        return info
-
-    def _engine_request(self, req: LlmGenerate, info: _ApiHandle) -> tuple[str, GenerateRequest]:
-        if (req.messages is None) == (req.prompt is None):
-            raise _bad("give exactly one of messages (chat) or prompt (raw completion)", "$.messages")
-        if req.messages is not None and not req.messages:
-            raise _bad("messages is empty", "$.messages")
-        client_id = req.request_id or uuid.uuid4().hex
-        if client_id in self.running:
-            raise LamaError(ErrorCode.CONFLICT, f"request {client_id!r} is already running", request_id=client_id,
-                            field="$.requestId")
-        messages = tuple(ChatTurn(t.role, t.content) for t in req.messages or ())
-        request = GenerateRequest(request_id=f"api-{uuid.uuid4().hex}",
-                                  sampling=SamplingParams.resolve(req.params, info.params),
-                                  messages=messages, prompt=req.prompt)
-        return client_id, request
-
-    def _result(self, client_id: str, handle: str, info: _ApiHandle, result: GenerationResult) -> LlmResult:
-        return LlmResult(request_id=client_id, handle=handle, model_id=info.model_id, text=result.text,
-                         thinking=result.thinking, tokens=result.tokens, finish_reason=result.finish_reason,
-                         timing=result.timing, usage=result.usage)
+        return await self.llm.initialize(req)
 
     async def llm_generate(self, req: LlmGenerate) -> LlmResult:
-        info = self._handle(req.handle)
-        client_id, request = self._engine_request(req, info)
-        self.running[client_id] = request.request_id
-        try:
-            result = await self.engine.generate(req.handle, request)
-        finally:
-            self.running.pop(client_id, None)
-        return self._result(client_id, req.handle, info, result)
+        return await self.llm.generate(req)
 
     async def llm_generate_stream(self, req: LlmGenerateStream) -> LlmResult:
         nc = self.nc
         self._check_subject(req.subject, "$.subject")
-        info = self._handle(req.handle)
-        client_id, request = self._engine_request(req, info)
-        self.running[client_id] = request.request_id
+
+        async def publish(token: LlmToken) -> None:
+            await nc.publish(req.subject, encode(token))
+
+        run = self.llm.prepare(req)  # a refusal is the requester's alone: nothing goes to the subject
         try:
-            seq = 0
-            result: GenerationResult | None = None
-            async for item in self.engine.generate_stream(req.handle, request):
-                if isinstance(item, TokenChunk):
-                    await nc.publish(req.subject, encode(LlmToken(request_id=client_id, seq=seq, text=item.text,
-                                                                  channel=item.channel)))
-                    seq += 1
-                else:
-                    result = item
-            if result is None:
-                raise LamaError(ErrorCode.INTERNAL, "the engine ended a stream without a result")
-            reply = self._result(client_id, req.handle, info, result)
+            reply = await self.llm.generate(run, on_token=publish)
             await nc.publish(req.subject, encode(reply))
             return reply
         except BaseException as exc:
@@ -327,23 +237,14 @@ class Api:
             else:
                 err = LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await nc.publish(req.subject, encode(LlmFailed(request_id=client_id, error=err.to_body())))
+                await nc.publish(req.subject, encode(LlmFailed(request_id=run.client_id, error=err.to_body())))
             raise
-        finally:
-            self.running.pop(client_id, None)
 
     async def llm_cancel(self, req: LlmCancel) -> LlmCancelReply:
-        engine_id = self.running.get(req.request_id)
-        if engine_id is None:
-            raise LamaError(ErrorCode.NOT_FOUND, f"no running llm request {req.request_id!r}",
-                            request_id=req.request_id, field="$.requestId")
-        return LlmCancelReply(request_id=req.request_id, cancelled=await self.engine.cancel(engine_id))
+        return await self.llm.cancel(req)
 
     async def llm_release(self, req: LlmRelease) -> LlmReleased:
-        self._handle(req.handle)
-        del self.handles[req.handle]
-        await self.engine.release(req.handle)
-        return LlmReleased(handle=req.handle)
+        return await self.llm.release(req)
 
     # ------------------------------------------------------------------ diagnostics
 
@@ -351,7 +252,7 @@ class Api:
         return Diagnostics(
             service=await self.service_diagnostics(),
             registry=await self.registry.diagnostics(self._loaded()),
-            api=ApiDiagnostics(llm_handles=sorted(self.handles), llm_running=sorted(self.running),
+            api=ApiDiagnostics(llm_handles=sorted(self.llm.handles), llm_running=sorted(self.llm.running),
                                errors=dict(sorted(ERROR_COUNTS.items()))),
         )
 
