@@ -85,7 +85,7 @@ ONE_TOKEN = GenerationParams(max_tokens=1, temperature=0.0)
 
 FULL = {"payloads": 10_000, "one_at_a_time": 2_000, "batch": 100, "kills": 20, "broker_restarts": 10,
         "burst": 1_000, "burst_topics": 50, "long_tokens": 24,
-        "bounds": {"hostile": 540.0, "kill": 420.0, "broker": 240.0, "burst": 300.0}}
+        "bounds": {"hostile": 420.0, "kill": 420.0, "broker": 240.0, "burst": 360.0}}
 QUICK = {"payloads": 300, "one_at_a_time": 60, "batch": 40, "kills": 2, "broker_restarts": 2,
          "burst": 100, "burst_topics": 10, "long_tokens": 24,
          "bounds": {"hostile": 180.0, "kill": 150.0, "broker": 120.0, "burst": 150.0}}
@@ -306,13 +306,6 @@ class Rig:
 
 def _counter(values: Any) -> dict[str, int]:
     return dict(sorted(collections.Counter(values).items()))
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))], 2)
 
 
 def _find_counter(doc: Any, name: str) -> int | None:
