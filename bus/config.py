@@ -136,22 +136,16 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         return self.data_path / "metrics.url"
 
 
-#: Environment variable for each setting that can come from the environment.
-ENVIRONMENT: dict[str, str] = {
-    "nats_url": "LAMABUS_NATS_URL",
-    "data_dir": "LAMABUS_DATA_DIR",
-    "prefix": "LAMABUS_PREFIX",
-    "log_level": "LAMABUS_LOG_LEVEL",
-    "max_concurrent_topics": "LAMABUS_MAX_CONCURRENT_TOPICS",
-    "model_dirs": "LAMABUS_MODEL_DIRS",  # os.pathsep-separated
-    "web": "LAMABUS_WEB",
-    "nats_ws_url": "LAMABUS_NATS_WS_URL",
-    "metrics": "LAMABUS_METRICS",
-}
+ENV_PREFIX = "LAMABUS_"
+"""Every setting can come from the environment as ``LAMABUS_<NAME>`` (``LAMABUS_ACK_WAIT=10``), converted
+by the same rules as the TOML file; a list (``model_dirs``) is ``os.pathsep``-separated."""
+
+
+def environment_variable(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
 CONFIG_FILE_ENV = "LAMABUS_CONFIG"
-
-_INT_FIELDS = {"max_concurrent_topics"}
-
 
 def load_settings(
     flags: Mapping[str, Any] | None = None,
@@ -170,16 +164,14 @@ def load_settings(
             raise LamaError(ErrorCode.BAD_REQUEST, f"config file not found: {path}", path=str(path)) from None
         except tomllib.TOMLDecodeError as exc:
             raise LamaError(ErrorCode.BAD_REQUEST, f"config file {path}: {exc}", path=str(path)) from None
-    for field, var in ENVIRONMENT.items():
-        if environ.get(var):
-            value: Any = environ[var]
-            if field in _INT_FIELDS:
-                value = int(value)
-            elif field == "model_dirs":
-                value = [d for d in value.split(os.pathsep) if d]
-            merged[field] = value
+    for field in Settings.__struct_fields__:
+        value = environ.get(environment_variable(field))
+        if value:
+            # A string for every type: msgspec converts it (strict=False) and names the variable's
+            # field if it cannot, like a bad value in the file.
+            merged[field] = [d for d in value.split(os.pathsep) if d] if field == "model_dirs" else value
     merged.update({k: v for k, v in (flags or {}).items() if v is not None})
     try:
-        return msgspec.convert(merged, Settings)
+        return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise LamaError.from_validation(exc) from None

@@ -53,3 +53,17 @@ def test_missing_config_file(tmp_path):
 def test_paths_derive_from_data_dir():
     s = Settings(data_dir="/d")
     assert str(s.registry_path) == "/d/registry.sqlite3" and str(s.jetstream_dir) == "/d/jetstream"
+
+
+def test_every_setting_comes_from_the_environment_by_one_rule():
+    env = {"LAMABUS_ACK_WAIT": "10", "LAMABUS_BUNDLED_MODEL": "false", "LAMABUS_INTAKE_WINDOW": "7",
+           "LAMABUS_ON_NEW_MESSAGE": "interrupt", "LAMABUS_TOPICS_MAX_AGE": "3600"}
+    s = load_settings({}, environ=env)
+    assert (s.ack_wait, s.bundled_model, s.intake_window, s.on_new_message, s.topics_max_age) == (
+        10.0, False, 7, "interrupt", 3600.0)
+
+
+def test_a_bad_environment_value_is_a_clear_bad_request():
+    with pytest.raises(LamaError) as info:
+        load_settings({}, environ={"LAMABUS_MAX_CONCURRENT_TOPICS": "many"})
+    assert info.value.code == ErrorCode.BAD_REQUEST and info.value.details["field"] == "$.max_concurrent_topics"
