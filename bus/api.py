@@ -25,7 +25,8 @@ from engine.runtime import Engine
 from handlers.catalog import list_catalog, pull
 from handlers.llm_sessions import LlmSessions
 from handlers.models_runtime import ModelsRuntime
-from handlers.registry import ProgressCallback, Registry
+from handlers.model_files import ProgressCallback
+from handlers.registry import Registry
 from wire.api import (
     ENDPOINTS,
     ApiDiagnostics,

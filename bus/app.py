@@ -35,7 +35,8 @@ from handlers.catalog import bundled_model_path
 from handlers.engine_runtime import EngineRuntime
 from handlers.metrics import ServiceMetrics
 from handlers.models_runtime import ModelsRuntime
-from handlers.registry import Registry, RegistryDirectory
+from handlers.directory import RegistryDirectory
+from handlers.registry import Registry
 from wire.api import IntakeDiagnostics, ServiceDiagnostics
 from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 
-from handlers.registry import ProgressCallback, Registry, run_in_thread
+from handlers.model_files import ProgressCallback, run_in_thread
+from handlers.registry import Registry
 from wire.records import CatalogEntry
 from storage.projections import LLM
 from wire.errors import ErrorCode, LamaError

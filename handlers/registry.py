@@ -26,9 +26,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -41,8 +39,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from engine.gguf import ModelInfo, read_model_info
-from engine.types import ChatTurn, ModelConfig
-from handlers.ports import ModelRef, RecordedReply
+from handlers.model_files import ProgressCallback, hash_file, run_in_thread
 from storage.events import (
     DomainEvent,
     ModelActivated,
@@ -51,15 +48,15 @@ from storage.events import (
     ModelLoaded,
     ModelLoadFailed,
     ModelParametersChanged,
-    ModelSystemPromptSet,
     ModelRemoved,
+    ModelSystemPromptSet,
     ModelUnloaded,
     ModelUsed,
     TopicCreated,
     TopicMessageSeen,
     TopicModelBound,
-    TopicSystemPromptSet,
     TopicReplyPosted,
+    TopicSystemPromptSet,
     model_stream,
     topic_stream,
 )
@@ -74,51 +71,16 @@ from wire.messages import ChatMessage, GenerationCompleted, valid_topic_id
 from wire.params import GenerationParams, ModelParams
 from wire.records import TopicInfo
 
-ProgressCallback = Callable[[int, "int | None"], None]
-"""``(bytes_done, bytes_total)``; called from a worker thread, so keep it thread-safe (rich's Progress is)."""
-
 BUNDLED_NAME = "SmolLM2 135M Instruct"
-_HASH_CHUNK = 1 << 20
 _MAX_NAME = 200
 _RETRIES = 4
-
-
-def sha256_file(path: str | os.PathLike[str], progress: ProgressCallback | None = None,
-                stop: threading.Event | None = None) -> str:
-    """Blocking; run it in a thread (``hash_file``). ``stop`` aborts between chunks."""
-    digest = hashlib.sha256()
-    total = os.stat(path).st_size
-    done = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            if stop is not None and stop.is_set():
-                raise LamaError(ErrorCode.CANCELLED, f"hashing {path} was cancelled")
-            digest.update(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, total)
-    return digest.hexdigest()
-
-
-async def run_in_thread(fn: Callable[..., Any], *args: Any, stop: threading.Event | None = None) -> Any:
-    """Run blocking work off the event loop; on cancellation, ask it to stop and return at once."""
-    stop = stop or threading.Event()
-    try:
-        return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
-    finally:
-        stop.set()
-
-
-async def hash_file(path: str | os.PathLike[str], progress: ProgressCallback | None = None) -> str:
-    stop = threading.Event()
-    return await run_in_thread(sha256_file, path, progress, stop, stop=stop)
 
 
 def _model_not_found(model_id: str, why: str = "") -> LamaError:
     return LamaError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} not found{why}", model_id=model_id)
 
 
-def _has_values(params: msgspec.Struct | None) -> bool:
+def has_values(params: msgspec.Struct | None) -> bool:
     return params is not None and any(getattr(params, f) is not None for f in params.__struct_fields__)
 
 
@@ -268,8 +230,8 @@ class Registry:
             at=self._now(), name=display, filename=resolved.name, model_path=str(resolved), size=info.size,
             checksum=checksum, architecture=info.architecture, parameter_count=info.parameter_count,
             context_length=info.context_length, quantization=info.quantization, provider=provider,
-            creator=self.creator, generation=generation if _has_values(generation) else None,
-            load=load if _has_values(load) else None,
+            creator=self.creator, generation=generation if has_values(generation) else None,
+            load=load if has_values(load) else None,
         )
 
         def decide(view: Projections) -> list[AppendRequest] | None:
@@ -339,8 +301,8 @@ class Registry:
             at=self._now(), name=existing.name, filename=resolved.name, model_path=str(resolved), size=info.size,
             checksum=checksum, architecture=info.architecture, parameter_count=info.parameter_count,
             context_length=info.context_length, quantization=info.quantization, provider=existing.provider,
-            creator=existing.creator, generation=generation if _has_values(generation) else None,
-            load=load if _has_values(load) else None,
+            creator=existing.creator, generation=generation if has_values(generation) else None,
+            load=load if has_values(load) else None,
         )
 
         def decide(view: Projections) -> list[AppendRequest] | None:
@@ -360,13 +322,13 @@ class Registry:
 
         ``expected_version``: the ``version`` the caller saw; ``conflict`` if it moved on.
         """
-        if not reset and not _has_values(generation) and not _has_values(load):
+        if not reset and not has_values(generation) and not has_values(load):
             raise LamaError(ErrorCode.BAD_REQUEST, "no parameters to change", model_id=model_id)
 
         def decide(view: Projections) -> list[AppendRequest]:
             m = self._live(view, model_id)
-            ev = ModelParametersChanged(at=self._now(), generation=generation if _has_values(generation) else None,
-                                        load=load if _has_values(load) else None, reset=reset)
+            ev = ModelParametersChanged(at=self._now(), generation=generation if has_values(generation) else None,
+                                        load=load if has_values(load) else None, reset=reset)
             expected = m.version if expected_version is None else expected_version
             return [AppendRequest(model_stream(model_id), [ev], expected)]
 
@@ -382,7 +344,7 @@ class Registry:
         ``system_prompt`` UNSET leaves it; None clears it (the service default). ``expected_version``:
         the ``version`` the caller saw; ``conflict`` if it moved on (also when only the prompt changes).
         """
-        change_params = reset or _has_values(generation) or _has_values(load)
+        change_params = reset or has_values(generation) or has_values(load)
         if not change_params and system_prompt is UNSET:
             raise LamaError(ErrorCode.BAD_REQUEST, "nothing to change: give generation, load, reset or systemPrompt",
                             model_id=model_id, field="$.generation")
@@ -392,8 +354,8 @@ class Registry:
             at = self._now()
             events: list[DomainEvent] = []
             if change_params:
-                events.append(ModelParametersChanged(at=at, generation=generation if _has_values(generation) else None,
-                                                     load=load if _has_values(load) else None, reset=reset))
+                events.append(ModelParametersChanged(at=at, generation=generation if has_values(generation) else None,
+                                                     load=load if has_values(load) else None, reset=reset))
             if system_prompt is not UNSET and system_prompt != m.system_prompt:
                 events.append(ModelSystemPromptSet(at=at, system_prompt=system_prompt))
             expected = m.version if expected_version is None else expected_version
@@ -703,74 +665,3 @@ class Registry:
             position=view.position, db_path=str(path) if path is not None else None, db_size_bytes=size,
             model_dirs=[str(d) for d in self.model_dirs],
         )
-
-
-class RegistryDirectory:
-    """The assistant's :class:`handlers.ports.Directory` over a :class:`Registry`.
-
-    It reads the registry's view as it stands, without a trip to SQLite per look-up:
-    everything this process writes is in the view when the write returns, and the
-    service applies other processes' writes as the store's follower sees them
-    (``bus.app``). Decisions that must not act on a stale view (recording a reply)
-    catch up inside the registry's own write path.
-    """
-
-    def __init__(self, registry: Registry, *, history_turns: int = 256) -> None:
-        self.registry = registry
-        # The engine trims what does not fit in n_ctx; this only bounds what we hand it.
-        self.history_turns = history_turns
-
-    async def resolve_model(self, topic: str, requested: str | None) -> ModelRef:
-        m = await self.registry.model_for_topic(topic, requested, refresh=False)
-        gen = m.generation_params()
-        room = self.registry.view.topics.get(topic)
-        return ModelRef(model_id=m.id, person_id=m.person_id,
-                        config=ModelConfig.resolve(m.model_path, m.model_params()),
-                        params=gen if _has_values(gen) else None,
-                        system_prompt=(room.system_prompt if room else None) or m.system_prompt)
-
-    def is_ai(self, author_id: str) -> bool:
-        return self.registry.is_ai(author_id)
-
-    async def recorded_reply(self, topic: str, message_id: str) -> RecordedReply | None:
-        view = self.registry.view
-        ev = view.reply_to(topic, message_id)
-        if ev is None:
-            if view.settled_unanswered(topic, message_id):
-                return RecordedReply(reply=None, completed=None)  # settled without a reply (cancelled, ...)
-            if view.has_replied(topic, message_id):
-                # Answered so long ago that the reply's text left the cache: settle it without
-                # publishing again (the broker's copy was acknowledged long since).
-                return RecordedReply(reply=None, completed=None)
-            return None
-        return RecordedReply(reply=reply_message(topic, ev), completed=completed_event(topic, ev))
-
-    async def history(self, topic: str) -> list[ChatTurn]:
-        turns = await self.registry.history(topic, refresh=False)
-        # A user message that got no reply (cancelled) would leave two user turns in a row.
-        kept = [t for t in turns if not t.unanswered]
-        return [ChatTurn("assistant" if t.is_ai else "user", t.text) for t in kept[-self.history_turns:]]
-
-    async def record_reply(self, message: ChatMessage, reply: ChatMessage, completed: GenerationCompleted) -> None:
-        await self.registry.record_reply(message, reply, completed)
-
-    async def record_unanswered(self, message: ChatMessage, reason: str) -> None:
-        await self.registry.record_message(message, unanswered=reason)
-
-
-def reply_message(topic: str, ev: TopicReplyPosted) -> ChatMessage:
-    """The reply as it was published, rebuilt from the log (the same id, so the broker de-duplicates it)."""
-    return ChatMessage(id=ev.message_id, topic=topic, author_id=ev.author_id, text=ev.text,
-                       sent_at=datetime.fromisoformat(ev.sent_at.replace("Z", "+00:00")), reply_to=ev.reply_to,
-                       model_id=ev.model_id)
-
-
-def completed_event(topic: str, ev: TopicReplyPosted) -> GenerationCompleted | None:
-    if ev.usage is None or ev.timing is None or ev.finish_reason not in ("stop", "length", "stop_sequence"):
-        return None
-    return GenerationCompleted(
-        request_id=ev.reply_to, message_id=ev.message_id, topic=topic, author_id=ev.author_id,
-        model_id=ev.model_id, text=ev.text, thinking=ev.thinking, tokens=ev.tokens,
-        finish_reason=ev.finish_reason,  # type: ignore[arg-type]
-        timing=ev.timing, usage=ev.usage,
-    )

@@ -13,7 +13,8 @@ import msgspec
 import pytest
 
 from engine.types import ChatTurn, ModelConfig
-from handlers.registry import BUNDLED_NAME, Registry, RegistryDirectory
+from handlers.directory import RegistryDirectory
+from handlers.registry import BUNDLED_NAME, Registry
 from storage.events import ModelActivated, ModelDeactivated
 from storage.projections import LLM
 from storage.store import AppendRequest, MemoryEventStore
@@ -473,7 +474,8 @@ def test_helpers_write_what_the_reader_reads(tmp_path: Path):
 
 
 async def test_system_prompt_topic_over_model_over_default(tmp_path, model_path):
-    from handlers.registry import Registry, RegistryDirectory
+    from handlers.directory import RegistryDirectory
+    from handlers.registry import Registry
 
     async with Registry.open(tmp_path / "r.sqlite3", [model_path.parent]) as reg:
         model = await reg.ensure_bundled(model_path)
