@@ -89,7 +89,7 @@ def batched_bench(binary: Path, model: str, *, threads: int, n_ctx_per_seq: int,
     row = rows[-1]
     return {"prefill_s": row["t_pp"], "prefill_tps": row["speed_pp"], "decode_s": row["t_tg"],
             "decode_tps": row["speed_tg"], "total_tps": row["speed"], "pp": row["pp"], "tg": row["tg"],
-            "pl": row["pl"], "command": " ".join(cmd[1:])}
+            "pl": row["pl"], "command": " ".join(cmd[1:]).replace(model, Path(model).name)}
 
 
 # ---------------------------------------------------------------------------- llama-server

@@ -214,7 +214,7 @@ def beside_llama_server(results: dict[str, Any]) -> list[tuple[str, Any, Any, st
                                                                                   or {}).get("streams")), {})
     lb = results.get("llama_server_batch") or {}
     return [
-        ("One stream, tok/s (128 tokens, EOS ignored)", (s.get("tps") or {}).get("bus"),
+        (f"One stream, tok/s ({s.get('tokens', '?')} tokens, EOS ignored)", (s.get("tps") or {}).get("bus"),
          results.get("llama_server_one_stream_tps"), "bus_over_llama_server_tps"),
         ("One stream, TTFT ms", (s.get("ttft_ms") or {}).get("bus"), (s.get("ttft_ms") or {}).get("llama_server"), ""),
         (f"{lb.get('streams', 8)} streams at once, aggregate tok/s", eight.get("aggregate_tps"),

@@ -126,7 +126,7 @@ def test_batch_results_and_report_table() -> None:
     assert out["ttft_p95_8_topics_over_llama_server"] > 1.0 and out["llama_server_batch"]["streams"] == 8
 
     results = {
-        "single_stream": {"tps": {"bus": 100.0, "llama_server": 110.0}, "ttft_ms": {"bus": 50.0, "llama_server": 40.0},
+        "single_stream": {"tokens": 128, "tps": {"bus": 100.0, "llama_server": 110.0}, "ttft_ms": {"bus": 50.0, "llama_server": 40.0},
                           "reps": 1, "runs_reaching_max_tokens": {}},
         "llama_server_one_stream_tps": 110.0, "bus_over_llama_server_tps": 100.0 / 110.0,
         "concurrency": [{"topics": 8, "aggregate_tps": 166.0, "ttft_p50_ms": 210.0, "ttft_p95_ms": 222.0,
