@@ -141,8 +141,10 @@ class LlamaServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        # No connection pool limit below the slots: 8 streams at once need 8 connections.
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
+        # A fresh connection per request (force_close): llama-server's HTTP library closes an idle keep-alive
+        # connection after a few seconds, and a pooled one it has just closed fails the next request. A loopback
+        # connect costs well under a millisecond of the peer's TTFT. No pool limit below 8 streams at once.
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, force_close=True),
                                           timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         deadline = time.monotonic() + timeout
         while True:
