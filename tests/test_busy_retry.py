@@ -12,6 +12,7 @@ from bus.app import LamabusService
 from bus.client import LamabusClient
 from bus.config import Settings
 from tests.conftest import entered_in_own_task
+from wire.api import DiagnosticsGet
 from wire.errors import ErrorCode, LamaError
 from wire.messages import ChatMessage, GenerationCompleted, GenerationFailed, GenerationToken, decode_topic_event
 from wire.params import GenerationParams
@@ -50,6 +51,10 @@ async def test_a_busy_message_is_answered_when_sent_again_under_a_new_dedup_id(t
                 pass
         assert exc.value.code is ErrorCode.BUSY and exc.value.details["retryable"] is True
         await client.cancel("busy-a", long.id)
+        # Retry once the model's queue has room again (the cancelled request has left its lane).
+        with anyio.fail_after(60):
+            while (await client.call(DiagnosticsGet())).service.assistant["queued_per_model"]:
+                await anyio.sleep(0.05)
         # The same message id again: the broker would drop a copy with the same Nats-Msg-Id...
         ack = await client.js.publish("lama.topic.busy-a.msg", b"{}", headers={"Nats-Msg-Id": second_id})
         assert ack.duplicate
