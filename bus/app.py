@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from typing import Any
 
 import anyio
 import msgspec
@@ -19,6 +20,7 @@ from anyio.abc import TaskGroup
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bus.cluster import PartitionedIntake, open_registry, replicas_for
 from bus.config import Settings
 from bus.connection import connect, wait_until_deaf
 from bus.embedded import EmbeddedNatsServer
@@ -121,9 +123,10 @@ class LamabusService:
         self.nc = await connect(self.url)
         stack.push_async_callback(self._close_nats)
         js = self.nc.jetstream()
+        clustered = s.registry == "nats"  # the registry in JetStream: topics partitioned over the nodes
+        replicas = replicas_for(s, self.nc)
 
-        self.registry = await stack.enter_async_context(
-            Registry.open(s.registry_path, [s.models_dir, *s.model_dirs], history_turns=s.history_cache_turns))
+        self.registry = await stack.enter_async_context(open_registry(s, self.nc, replicas=replicas))
         if s.bundled_model:
             path = bundled_model_path()
             if path is None:
@@ -141,11 +144,17 @@ class LamabusService:
             RegistryDirectory(self.registry), EngineRuntime(self.models, self.engine), publisher,
             AssistantSettings(max_concurrent_topics=s.max_concurrent_topics, max_queue_per_model=s.max_queue_per_model,
                               on_new_message=s.on_new_message, system_prompt=s.system_prompt,
-                              progress_interval=max(1.0, s.ack_wait / 3)),
+                              progress_interval=max(1.0, s.ack_wait / 3), node_id=s.node_name),
         ))
-        self.intake = TopicIntake(js, self.subjects, self.assistant.submit, ack_wait=s.ack_wait,
-                                  duplicate_window=s.duplicate_window, window=s.intake_window,
-                                  limits=StreamLimits(max_age=s.topics_max_age, max_bytes=s.topics_max_bytes))
+        limits = StreamLimits(max_age=s.topics_max_age, max_bytes=s.topics_max_bytes)
+        if clustered:
+            self.intake = PartitionedIntake(
+                js, self.subjects, self.assistant.submit, node_id=s.node_name, partitions=s.partitions,
+                replicas=replicas, lease_ttl=s.lease_ttl, ack_wait=s.ack_wait, duplicate_window=s.duplicate_window,
+                window=s.intake_window, limits=limits)
+        else:
+            self.intake = TopicIntake(js, self.subjects, self.assistant.submit, ack_wait=s.ack_wait,
+                                      duplicate_window=s.duplicate_window, window=s.intake_window, limits=limits)
         if self.metrics:
             self.metrics.observe(assistant=self.assistant, engine=self.engine, models=self.models, intake=self.intake)
 
@@ -165,7 +174,8 @@ class LamabusService:
             self.web = await stack.enter_async_context(web)
         if metrics_http is not None:
             self.metrics_http = await stack.enter_async_context(metrics_http)
-        log.info("lamabus ready on %s (prefix %r, data %s)", self.url, s.prefix, s.data_path)
+        log.info("lamabus ready on %s (prefix %r, data %s, node %s, registry %s%s)", self.url, s.prefix, s.data_path,
+                 s.node_name, s.registry, f", {replicas} replicas" if clustered else "")
 
     async def _close_nats(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
@@ -186,6 +196,14 @@ class LamabusService:
         """Every request on ``.cancel`` gets a reply: the outcome or a coded error. Never raises
         (nats-py would only log it, and the requester would wait for nothing)."""
         assert self.assistant is not None and self.nc is not None
+        if isinstance(self.intake, PartitionedIntake):
+            # Several nodes hear every cancel; the one that owns the topic's partition answers it.
+            try:
+                token = self.subjects.topic_of(msg.subject)
+            except ValueError:
+                return
+            if not self.intake.owns_topic(token) and token not in self.assistant.stats()["lanes"]:
+                return
         try:
             request = decode_untrusted(_cancel_decoder, msg.data)
             if msg.subject != self.subjects.raw_topic_subject(request.topic, "cancel"):
@@ -219,6 +237,15 @@ class LamabusService:
             except Exception:
                 log.warning("could not publish registry event %s", stored.position, exc_info=True)
 
+    def _assistant_stats(self) -> dict[str, Any] | None:
+        if self.assistant is None:
+            return None
+        stats = self.assistant.stats()
+        if isinstance(self.intake, PartitionedIntake):
+            # Which node this is, the partitions (and so the topics) it answers, the members it sees.
+            stats["node"] = self.intake.node_diagnostics()
+        return stats
+
     async def diagnostics(self) -> ServiceDiagnostics:
         intake = self.intake
         return ServiceDiagnostics(
@@ -228,7 +255,7 @@ class LamabusService:
                 in_flight=intake.in_flight if intake else 0, window=self.settings.intake_window,
                 ack_wait=self.settings.ack_wait, waiting_in_stream=await intake.waiting_in_stream() if intake else None),
             defaults=DEFAULTS,
-            assistant=self.assistant.stats() if self.assistant else None,
+            assistant=self._assistant_stats(),
             engine=self.engine.diagnostics() if self.engine else None,
         )
 

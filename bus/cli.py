@@ -1,6 +1,7 @@
 """``lamabus``: the command line (DESIGN.md "Running").
 
     lamabus serve [--nats-url URL] [--data-dir DIR] [--prefix lama] [--config FILE]
+                  [--registry sqlite|nats] [--node-id ID] [--replicas N]
     lamabus chat <topic> [--once TEXT]
 
 Flags win over the environment (LAMABUS_*), which wins over the TOML file,
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "'off' (env LAMABUS_METRICS)")
     serve.add_argument("--nats-ws-url", metavar="URL",
                        help="the external broker's NATS WebSocket URL, for the page (env LAMABUS_NATS_WS_URL)")
+    serve.add_argument("--registry", choices=["sqlite", "nats"],
+                       help="the registry's log: a SQLite file (default, one node) or JetStream on the broker, "
+                            "shared by several nodes (env LAMABUS_REGISTRY)")
+    serve.add_argument("--node-id", help="this node's name in a cluster (default: host and data dir; "
+                                         "env LAMABUS_NODE_ID)")
+    serve.add_argument("--replicas", type=int,
+                       help="copies of each stream lamabus creates (default min(3, cluster size); env LAMABUS_REPLICAS)")
     serve.set_defaults(run=_serve)
 
     chat = sub.add_parser("chat", help="chat in a topic from the terminal")
@@ -67,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     flags = {k: getattr(args, k, None) for k in ("nats_url", "data_dir", "prefix", "log_level", "web", "nats_ws_url",
-                                                   "metrics")}
+                                                   "metrics", "registry", "node_id", "replicas")}
     return load_settings(flags, config_file=getattr(args, "config", None))
 
 

@@ -78,10 +78,36 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     #: (also served over HTTP at ``/metrics``; port 0 or a taken one: a free port), or ``off``.
     metrics: Annotated[str, Meta(pattern=r"^(off|bus|[^\s]+:[0-9]{1,5})$")] = "bus"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Where the registry's event log lives: ``sqlite`` (a file in data_dir: one node) or ``nats`` (a
+    #: JetStream stream on the broker, shared by every node; topics are then spread over the nodes in
+    #: partitions, each answered by one node at a time). See docs/operations.md "Running several nodes".
+    registry: Literal["sqlite", "nats"] = "sqlite"
+    #: This node's name in a cluster (``nodeId`` on generation events, partition leases). Unset: the host
+    #: name and a hash of the data directory, stable across restarts.
+    node_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    #: Copies JetStream keeps of the streams lamabus creates (topics, registry, work, leases). Unset:
+    #: min(3, servers in the broker's cluster). Applies when a stream is created.
+    replicas: Annotated[int, Meta(ge=1, le=5)] | None = None
+    #: Partitions the topics are spread over (``registry = "nats"``). Fixed once the work stream exists.
+    partitions: Annotated[int, Meta(ge=1, le=1024)] = 12
+    #: Seconds a node's partition leases outlive its last heartbeat: how soon a dead node's topics move.
+    lease_ttl: Annotated[float, Meta(ge=1, le=600)] = 5.0
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
+
+    @property
+    def node_name(self) -> str:
+        """``node_id``, or the stable default derived from the host and the data directory."""
+        if self.node_id:
+            return self.node_id
+        import hashlib
+        import socket
+
+        host = "".join(c if c.isalnum() or c in "_-" else "-" for c in socket.gethostname())[:40] or "node"
+        digest = hashlib.sha256(str(self.data_path.resolve()).encode()).hexdigest()[:8]
+        return f"{host}-{digest}"
 
     @property
     def registry_path(self) -> Path:

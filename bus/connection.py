@@ -42,9 +42,13 @@ async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = 
         # A client that gives up after a few tries reports the failure itself, once.
         log.log(logging.WARNING if reconnect_forever else logging.DEBUG, "nats error: %s", exc)
 
+    # ``nats://a:4222,nats://b:4222``: the servers of a cluster, tried in the order given (the client also
+    # learns the others from the server it reaches).
+    servers = [u.strip() for u in url.split(",") if u.strip()]
     await nc.connect(
-        url,
+        servers,
         name=name,
+        dont_randomize=True,
         max_reconnect_attempts=-1 if reconnect_forever else 3,
         reconnect_time_wait=0.5,
         connect_timeout=5,

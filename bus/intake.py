@@ -58,7 +58,8 @@ class StreamLimits(msgspec.Struct, frozen=True, kw_only=True):
 
 
 async def ensure_topics_stream(js: JetStreamContext, subjects: Subjects, *, duplicate_window: float,
-                               limits: StreamLimits | None = None) -> None:
+                               limits: StreamLimits | None = None, replicas: int | None = None) -> None:
+    """``replicas``: copies of the stream when it is created (None: 1). An existing stream keeps its own."""
     limits = limits or StreamLimits()
     config = StreamConfig(
         name=subjects.stream_name,
@@ -70,6 +71,7 @@ async def ensure_topics_stream(js: JetStreamContext, subjects: Subjects, *, dupl
         duplicate_window=duplicate_window,
         max_age=limits.max_age if limits.max_age is not None else limits.default_max_age,
         max_bytes=limits.max_bytes if limits.max_bytes is not None else limits.default_max_bytes,
+        num_replicas=replicas or 1,
     )
     try:
         info = await js.stream_info(subjects.stream_name)
@@ -247,8 +249,11 @@ class TopicIntake:
         self.rebinds += 1
         return new
 
+    def _delivery(self, msg: Msg) -> JetStreamDelivery:
+        return JetStreamDelivery(msg, self._settled)
+
     async def _take(self, msg: Msg) -> None:
-        delivery = JetStreamDelivery(msg, self._settled)
+        delivery = self._delivery(msg)
         try:
             accepted = self._accept(msg)
         except LamaError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ class AssistantSettings(msgspec.Struct, frozen=True, kw_only=True):
     system_prompt: str = "You are a helpful assistant."
     #: Seconds between "still working" acks for every accepted, unfinished message.
     progress_interval: float = 10.0
+    #: This node's name, carried as ``nodeId`` by every generation event (several nodes on one cluster).
+    node_id: str | None = None
 
 
 @dataclass(eq=False)
@@ -90,6 +93,26 @@ class _Job:
 class _Lane:
     jobs: collections.deque[_Job] = field(default_factory=collections.deque)
     current: _Job | None = None
+
+
+class _Redelivered:
+    """A delivery seen as redelivered, so that a reply recorded elsewhere is published by us."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        self._delivery = delivery
+
+    @property
+    def redelivered(self) -> bool:
+        return True
+
+    async def ack(self) -> None:
+        await self._delivery.ack()
+
+    async def in_progress(self) -> None:
+        await self._delivery.in_progress()
+
+    async def retry_later(self) -> None:
+        await self._delivery.retry_later()
 
 
 def _now_ms() -> float:
@@ -145,6 +168,15 @@ class Assistant:
         except LamaError as exc:
             await self._fail(message, exc, delivery)
             return
+        if self.settings.node_id is not None and not os.path.isfile(model.config.model_path):
+            # A node of a cluster: the registry is shared, files are per node (a shared volume, or a
+            # pull on each node), and this one lacks the file. Said before anything is queued.
+            node = self.settings.node_id
+            await self._fail(message, LamaError(
+                ErrorCode.MODEL_FILE_MISSING,
+                f"model {model.model_id}: file {model.config.model_path} is not on node {node or 'this node'}",
+                model_id=model.model_id, path=model.config.model_path, node_id=node), delivery)
+            return
         ahead = self._queued[model.model_id]
         if ahead >= self.settings.max_queue_per_model:
             # Only reached when the intake's window is set above this bound. Nothing is recorded,
@@ -159,7 +191,7 @@ class Assistant:
         try:
             await self.publisher.event(
                 GenerationStarted(request_id=message.id, topic=topic, author_id=model.person_id,
-                                  model_id=model.model_id, queue_position=ahead),
+                                  model_id=model.model_id, queue_position=ahead, node_id=self.settings.node_id),
                 dedup_id=f"{message.id}.started.{topic}", wait=False)
         except BaseException:
             self._queued[model.model_id] -= 1  # not queued after all: the transport redelivers it
@@ -181,7 +213,10 @@ class Assistant:
             # again is safe because the broker drops a second copy with the same id.
             await self.publisher.message(recorded.reply)
             if recorded.completed is not None:
-                await self.publisher.event(recorded.completed, dedup_id=completed_dedup_id(recorded.reply.id))
+                completed = recorded.completed
+                if completed.node_id is None:
+                    completed = msgspec.structs.replace(completed, node_id=self.settings.node_id)
+                await self.publisher.event(completed, dedup_id=completed_dedup_id(recorded.reply.id))
         await delivery.ack()
 
     # -- lanes ----------------------------------------------------------------
@@ -243,8 +278,14 @@ class Assistant:
             request_id=message.id, message_id=reply.id, topic=message.topic, author_id=model.person_id,
             model_id=model.model_id, text=result.text, thinking=result.thinking, tokens=result.tokens,
             finish_reason=result.finish_reason,  # type: ignore[arg-type]  # cancelled handled above
-            timing=result.timing, usage=result.usage)
+            timing=result.timing, usage=result.usage, node_id=self.settings.node_id)
         await self.directory.record_reply(message, reply, completed)
+        recorded = await self.directory.recorded_reply(message.topic, message.id)
+        if recorded is not None and recorded.reply is not None and recorded.reply.text != reply.text:
+            # Another node (one that took this topic over while we were slow) recorded its answer first:
+            # that one is the reply; publish it, under the same id, rather than ours.
+            await self._settle_duplicate(recorded, _Redelivered(job.delivery))
+            return
         await self.publisher.message(reply)
         await self.publisher.event(completed, dedup_id=completed_dedup_id(reply.id))
         await job.delivery.ack()
@@ -302,7 +343,7 @@ class Assistant:
         await self.directory.record_unanswered(message, "cancelled")
         await self.publisher.event(
             GenerationCancelled(request_id=message.id, topic=message.topic, author_id=job.model.person_id,
-                                text=text, tokens=tokens),
+                                text=text, tokens=tokens, node_id=self.settings.node_id),
             dedup_id=f"{message.id}.cancelled.{message.topic}")
         await job.delivery.ack()
         self.counters["cancelled"] += 1
@@ -311,7 +352,8 @@ class Assistant:
         # A failure is an answer too: say it on the topic and settle the delivery,
         # so the message is not redelivered forever. A retry with the same id is answered.
         self.counters[f"failed.{exc.code.value}"] += 1
-        await self.publisher.event(GenerationFailed(request_id=message.id, topic=message.topic, error=exc.to_body()),
+        await self.publisher.event(GenerationFailed(request_id=message.id, topic=message.topic, error=exc.to_body(),
+                                                    node_id=self.settings.node_id),
                                    dedup_id=f"{message.id}.failed.{exc.code.value}.{time.monotonic_ns()}")
         await delivery.ack()
 
@@ -350,6 +392,7 @@ class Assistant:
 
     def stats(self) -> dict[str, object]:
         return {
+            "node_id": self.settings.node_id,
             "lanes": {t: {"running": l.current.message.id if l.current else None, "queued": len(l.jobs)}
                       for t, l in self._lanes.items()},
             "queued_per_model": {k: v for k, v in self._queued.items() if v},

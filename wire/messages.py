@@ -81,6 +81,8 @@ class GenerationStarted(_Wire, tag="generation.started"):
     author_id: str
     model_id: str
     queue_position: int = 0
+    #: The lamabus node that answers (several nodes on one cluster); None from a single node that set none.
+    node_id: str | None = None
 
 
 class GenerationCompleted(_Wire, tag="generation.completed"):
@@ -97,12 +99,16 @@ class GenerationCompleted(_Wire, tag="generation.completed"):
     finish_reason: FinishReason
     timing: Timing
     usage: Usage
+    #: The lamabus node that answers (several nodes on one cluster); None from a single node that set none.
+    node_id: str | None = None
 
 
 class GenerationFailed(_Wire, tag="generation.failed"):
     request_id: str
     topic: str
     error: ErrorBody
+    #: The lamabus node that answers (several nodes on one cluster); None from a single node that set none.
+    node_id: str | None = None
 
 
 class GenerationCancelled(_Wire, tag="generation.cancelled"):
@@ -111,6 +117,8 @@ class GenerationCancelled(_Wire, tag="generation.cancelled"):
     author_id: str
     text: str
     tokens: int
+    #: The lamabus node that answers (several nodes on one cluster); None from a single node that set none.
+    node_id: str | None = None
 
 
 class MessageRejected(_Wire, tag="message.rejected"):
