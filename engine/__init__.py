@@ -26,6 +26,11 @@ Semantics worth knowing:
 * ``Timing.tokens_per_second`` is the decode rate after the first token; ``time_to_first_token``
   and ``elapsed_time`` count from the moment the request got a sequence slot; ``queue_time`` is
   the wait for that slot.
+* A grammar (``SamplingParams.grammar``, or ``json_schema`` converted to one) is compiled when the
+  request reaches its worker, so a bad one fails before any token. It judges the content only
+  (``TextPipeline.takes_grammar``: not a thinking block), and only the token the plain chain picked;
+  the whole vocabulary goes through the grammar only when that token is rejected (llama.cpp's fast
+  path; bench/bench_grammar.py measures what it costs).
 * Greedy decoding is deterministic for the same prompt evaluated the same way. A prompt whose
   prefix is reused from a *different* prompt's KV cache may differ in late digits of the logits
   (llama.cpp's matmuls round differently by batch size), which can flip near-tied tokens on tiny
