@@ -23,9 +23,34 @@ def test_docker_compose_file_validates_offline():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert "- --jetstream" in text
+    # JetStream comes from docker/nats.conf (store on the volume, monitoring for the health check).
+    assert "/etc/nats/lamabus.conf" in text and "jetstream" in (ROOT / "docker" / "nats.conf").read_text()
     assert "LAMABUS_NATS_URL: nats://nats:4222" in text
     assert "nats-data:/data:rw" in text and "lamabus-data:/data:rw" in text and "models:/models:rw" in text
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (.ci/run installs it)")
+def test_docker_compose_cluster_profile_validates_offline():
+    """The `cluster` profile: three routed nats servers with JetStream, two lamabus nodes with --registry nats,
+    each on its own data volume, both on the shared models volume."""
+    out = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "cluster", "config"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import yaml
+
+    services = yaml.safe_load(out.stdout)["services"]
+    for i in (1, 2, 3):
+        nats = services[f"nats-{i}"]
+        assert nats["environment"]["NATS_NAME"] == f"nats-{i}"
+        assert f"nats-{i}-data:/data:rw" in nats["volumes"]
+    conf = (ROOT / "docker" / "nats-cluster.conf").read_text()
+    assert "jetstream" in conf and all(f"nats-route://nats-{i}:6222" in conf for i in (1, 2, 3))
+    for name, node_id in (("lamabus-a", "a"), ("lamabus-b", "b")):
+        node = services[name]
+        assert node["command"] == ["serve", "--registry", "nats", "--node-id", node_id]
+        assert node["environment"]["LAMABUS_NATS_URL"].count("nats://nats-") == 3
+        assert f"{name}-data:/data:rw" in node["volumes"] and "models:/models:rw" in node["volumes"]
+        assert set(node["depends_on"]) == {"nats-1", "nats-2", "nats-3"}
 
 
 IMAGE_VENV = "/opt/lamabus"

@@ -1,0 +1,61 @@
+"""The pieces of bus/cluster.py that need no cluster: the partition function against the broker's own
+transform, rendezvous hashing, node ids and the cluster settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nats
+
+from bus.cluster import partition_of, wanted_owner
+from bus.config import load_settings
+
+
+async def test_partition_of_is_the_brokers_subject_transform(nats_url: str):
+    nc = await nats.connect(nats_url)
+    try:
+        body = {"name": "PT", "retention": "limits", "storage": "memory", "num_replicas": 1,
+                "subjects": ["pt.topic.*.msg"],
+                "subject_transform": {"src": "pt.topic.*.msg", "dest": "pt.part.{{partition(12,1)}}.{{wildcard(1)}}"}}
+        created = json.loads((await nc.request("$JS.API.STREAM.CREATE.PT", json.dumps(body).encode(), timeout=5)).data)
+        assert created.get("error") is None, created
+        topics = ["a", "b", "room-1", "x_y", "Ünïcode-not-valid-but-hashed", "t" * 128, *[f"t{i}" for i in range(40)]]
+        js = nc.jetstream()
+        for topic in topics:
+            await js.publish(f"pt.topic.{topic}.msg", b"x")  # acknowledged: stored when it returns
+        info = json.loads((await nc.request("$JS.API.STREAM.INFO.PT", json.dumps({"subjects_filter": ">"}).encode(),
+                                            timeout=5)).data)
+        stored = {s.split(".", 3)[3]: int(s.split(".")[2]) for s in info["state"]["subjects"]}
+        assert stored == {t: partition_of(t, 12) for t in topics}
+    finally:
+        await nc.close()
+
+
+def test_rendezvous_moves_only_what_a_new_node_takes():
+    two = {p: wanted_owner(p, {"a", "b"}) for p in range(64)}
+    three = {p: wanted_owner(p, {"a", "b", "c"}) for p in range(64)}
+    moved = {p for p in range(64) if two[p] != three[p]}
+    assert moved and all(three[p] == "c" for p in moved)  # the others keep theirs (and their KV caches)
+    assert 10 <= len(moved) <= 35  # about a third
+    assert {wanted_owner(p, ["b", "a"]) for p in range(64)} == {"a", "b"}
+    assert all(wanted_owner(p, ["b", "a"]) == two[p] for p in range(64))  # order of the members is irrelevant
+
+
+def test_cluster_settings_from_flags_and_environment(tmp_path: Path):
+    s = load_settings(environ={"LAMABUS_REGISTRY": "nats", "LAMABUS_NODE_ID": "n-1", "LAMABUS_REPLICAS": "3"})
+    assert (s.registry, s.node_name, s.replicas) == ("nats", "n-1", 3)
+    s = load_settings({"registry": "sqlite", "data_dir": str(tmp_path)}, environ={"LAMABUS_REGISTRY": "nats"})
+    assert s.registry == "sqlite" and s.replicas is None
+    # The default node id: stable for one data dir, different for another.
+    again = load_settings({"data_dir": str(tmp_path)}, environ={})
+    other = load_settings({"data_dir": str(tmp_path / "other")}, environ={})
+    assert s.node_name == again.node_name != other.node_name
+    from wire.errors import LamaError
+
+    for bad in ({"node_id": "a.b"}, {"registry": "postgres"}, {"replicas": 0}):
+        try:
+            load_settings(bad, environ={})
+        except LamaError:
+            continue
+        raise AssertionError(f"accepted {bad}")
