@@ -50,7 +50,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,6 +70,7 @@ if str(ROOT) not in sys.path:
 import nats  # noqa: E402
 
 from bench.baseline import RawLlama  # noqa: E402
+from bench.stats import Run, median, percentile, ratio  # noqa: E402
 from bus.client import LamabusClient  # noqa: E402
 from bus.embedded import EmbeddedNatsServer  # noqa: E402
 from wire.messages import (  # noqa: E402
@@ -120,28 +120,6 @@ class BusBenchConfig:
     #: Directory holding llama-server and llama-batched-bench (bench/llama_server_build.py); None: no peer.
     llama_server_dir: str | None = None
     log: Callable[[str], None] = print
-
-
-# ---------------------------------------------------------------------------- statistics
-
-
-def median(xs: Sequence[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def percentile(xs: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 # ---------------------------------------------------------------------------- processes
@@ -349,33 +327,6 @@ class _Stream:
         self.completed: GenerationCompleted | None = None
         self.error: str | None = None
         self.done = asyncio.Event()
-
-
-@dataclass
-class Run:
-    """One generation as a client saw it (times in seconds)."""
-
-    side: str
-    ttft_s: float
-    tokens: int
-    finish: str
-    t0: float
-    t_first: float
-    t_last: float
-    text: str
-    prompt_tokens: int | None = None
-    cached_tokens: int | None = None
-    engine_tps: float | None = None
-    engine_ttft_ms: float | None = None
-    pre_engine_ms: float | None = None
-    started_ms: float | None = None
-    token_messages: int | None = None
-
-    def tps(self, n: int) -> float | None:
-        """Decode rate after the first token, only for a run that reached ``n`` tokens."""
-        if self.tokens != n or self.finish != "length" or n < 2 or self.t_last <= self.t_first:
-            return None
-        return (n - 1) / (self.t_last - self.t_first)
 
 
 class BusSide:

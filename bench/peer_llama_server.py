@@ -40,7 +40,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.bench_bus import Run
+from bench.stats import Run
 
 # ---------------------------------------------------------------------------- llama-batched-bench
 
@@ -294,7 +294,7 @@ class LlamaPeer:
     def batch_results(acc: dict[str, list[Any]], bus_agg: Sequence[float], bus_ttft_ms: Sequence[float]
                       ) -> dict[str, Any]:
         """The results.json keys of the batched comparison."""
-        from bench.bench_bus import median, percentile, ratio
+        from bench.stats import median, percentile, ratio
 
         agg, ttft = median(acc["aggregate_tps"]), acc["ttft_ms"]
         p95 = percentile(ttft, 95)
