@@ -608,6 +608,7 @@ async def part_kill(rig: Rig, cfg: dict, bound: float) -> dict:
     finished_before_kill = 0
     crashes = 0
     timings: list[Any] = []
+    accepted: list[float] = []
     params = long_params(cfg["long_tokens"])
     for _ in range(cfg["kills"]):
         if time.monotonic() - began > bound * 0.85:
@@ -619,7 +620,7 @@ async def part_kill(rig: Rig, cfg: dict, bound: float) -> dict:
         if not rig.serve.alive:
             crashes += 1
         await rig.serve.kill()
-        killed = time.monotonic()
+        killed, killed_wall = time.monotonic(), time.time()
         events = await rig.stored(topic)
         if any(isinstance(e, GenerationCompleted) and e.request_id == message.id for e in events):
             finished_before_kill += 1
@@ -632,6 +633,8 @@ async def part_kill(rig: Rig, cfg: dict, bound: float) -> dict:
         if isinstance(ended, GenerationCompleted):
             recovery.append(time.monotonic() - killed)
             timings.append(ended.timing)
+            # When the restarted service accepted the redelivered message (the engine's start less its queue).
+            accepted.append((ended.timing.start_time - ended.timing.queue_time) / 1000 - killed_wall)
     settled = await rig.settled(60.0)
     await asyncio.sleep(1.0)
     check = _exactly_once(await rig.stored(topic), mids)
@@ -641,6 +644,8 @@ async def part_kill(rig: Rig, cfg: dict, bound: float) -> dict:
         **check, "ends": dict(ends), "finished_before_kill": finished_before_kill,
         "kill_to_completed_p50_s": round(statistics.median(recovery), 2) if recovery else None,
         "kill_to_completed_max_s": round(max(recovery), 2) if recovery else None,
+        "kill_to_accepted_again_p50_s": round(statistics.median(accepted), 2) if accepted else None,
+        "kill_to_accepted_again_max_s": round(max(accepted), 2) if accepted else None,
         **_timing_figures(timings),
         "restart_to_ready_p50_s": round(statistics.median(rig.start_seconds[1:]), 2) if len(rig.start_seconds) > 1
         else None,
@@ -713,6 +718,9 @@ async def part_burst(rig: Rig, cfg: dict, bound: float) -> dict:
     total, n_topics = cfg["burst"], cfg["burst_topics"]
     topics = [f"burst-{i}" for i in range(n_topics)]
     posted: dict[str, list[str]] = collections.defaultdict(list)
+    seq_of: dict[str, int] = {}
+    timings: list[Any] = []
+    prompts: list[int] = []
     live: dict[str, list[str]] = collections.defaultdict(list)
     failed: list[GenerationFailed] = []
     rejected: list[MessageRejected] = []
@@ -726,6 +734,8 @@ async def part_burst(rig: Rig, cfg: dict, bound: float) -> dict:
             return
         if isinstance(event, GenerationCompleted):
             live[event.topic].append(event.request_id)
+            timings.append(event.timing)
+            prompts.append(event.usage.prompt_tokens)
         elif isinstance(event, GenerationFailed):
             failed.append(event)
         elif isinstance(event, MessageRejected):
@@ -743,34 +753,52 @@ async def part_burst(rig: Rig, cfg: dict, bound: float) -> dict:
         topic = topics[n % n_topics]
         message = chat(topic, f"Say {n}.", ONE_TOKEN, author="crowd")
         posted[topic].append(message.id)
-        await rig.js.publish(S.msg(topic), encode(message), headers={MSG_ID: message.id})
+        ack = await rig.js.publish(S.msg(topic), encode(message), headers={MSG_ID: message.id})
+        seq_of[message.id] = ack.seq
     post_seconds = time.monotonic() - began
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max(1.0, bound - (time.monotonic() - began))):
             await done.wait()
     seconds = (last_end[0] or time.monotonic()) - began
     answered_live = sum(map(len, live.values()))
-    settled = await rig.settled(30.0)
+    bounded = not done.is_set()
+    settled = await rig.settled(5.0 if bounded else 30.0)
     await asyncio.sleep(1.0)
+    # A message without a reply is lost only if the consumer has settled it (at or below its ack
+    # floor); one the consumer has not delivered yet still waits in the stream, and one between
+    # the two is in the intake's window. Cut off by the bound, those are queued, not lost.
+    info = await rig.js.consumer_info(S.stream_name, CONSUMER)
+    floor, delivered = info.ack_floor.stream_seq, info.delivered.stream_seq
     # The stream is the judge: exactly one reply and one completion per message, in order per topic.
     lost = duplicated = violations = 0
-    answered = 0
+    answered = queued = in_window = 0
     for topic in topics:
         events = await rig.stored(topic)
         check = _exactly_once(events, posted[topic])
-        lost += check["lost"]
         duplicated += check["duplicated"]
-        answered += len(posted[topic]) - check["lost"]
+        replied = {e.reply_to for e in events if isinstance(e, ChatMessage) and e.reply_to}
+        done = {e.request_id for e in events if isinstance(e, GenerationCompleted)}
+        for mid in posted[topic]:
+            if mid in replied and mid in done:
+                answered += 1
+            elif seq_of[mid] <= floor:
+                lost += 1
+            elif seq_of[mid] > delivered:
+                queued += 1
+            else:
+                in_window += 1
         order = [e.reply_to for e in events if isinstance(e, ChatMessage) and e.reply_to]
         violations += _out_of_order(order, posted[topic])
         violations += _out_of_order(live[topic], posted[topic])
     return {
         "planned": total, "topics": n_topics, "reached": answered_live + len(failed) + len(rejected),
-        "bounded": not done.is_set(),
+        "bounded": bounded,
         "answered": answered, "lost": lost, "duplicated": duplicated, "order_violations": violations,
+        "unanswered_at_bound_queued_in_stream": queued, "unanswered_at_bound_in_intake_window": in_window,
         "refused_busy": sum(1 for f in failed if str(f.error.code) in ("busy", "ErrorCode.BUSY")),
         "failed": _counter(str(f.error.code) for f in failed), "rejected": len(rejected),
         "messages_per_s": round(answered_live / seconds, 1) if seconds > 0 else None,
+        "prompt_tokens_p50": statistics.median(prompts) if prompts else None, **_timing_figures(timings),
         "post_seconds": round(post_seconds, 2), "seconds": round(seconds, 1), "consumer_settled": settled,
         "crashes": 0 if rig.serve is not None and rig.serve.alive else 1,
     }
@@ -791,6 +819,7 @@ async def run(parts: list[str], cfg: dict, work: Path) -> dict:
     for name in parts:
         bound = cfg["bounds"][name]
         print(f"[soak] {name}: bound {bound:.0f} s ...", file=sys.stderr, flush=True)
+        load_before = os.getloadavg()[0]
         try:
             async with Rig(work, name) as rig:
                 async with asyncio.timeout(bound + 240):  # the part's own bound, plus its final checks
@@ -798,6 +827,10 @@ async def run(parts: list[str], cfg: dict, work: Path) -> dict:
                 results[name]["serve_log_errors"] = rig.serve.errors if rig.serve else None
         except Exception as exc:  # a part that breaks says so; the others still run
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        results[name]["date"] = now_iso()
+        # The machine's load (1-minute average) around the part: llama.cpp's decode threads stall
+        # when others take the cores, so times and rates only compare at similar load.
+        results[name]["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
         print(f"[soak] {name}: {json.dumps(results[name], default=str)[:600]}", file=sys.stderr, flush=True)
     return results
 
@@ -835,6 +868,8 @@ def table(doc: dict) -> str:
     add("kill", "  duplicated", "duplicated", "0")
     add("kill", "  kill -> completed p50 (s)", "kill_to_completed_p50_s")
     add("kill", "  kill -> completed max (s)", "kill_to_completed_max_s")
+    add("kill", "  kill -> accepted again p50 (s)", "kill_to_accepted_again_p50_s")
+    add("kill", "  answer's own generation p50 (s)", "answer_elapsed_p50_s")
     b = parts.get("broker", {})
     if "broker" in parts:
         rows.append(("broker restarted mid-stream", f"{b.get('reached')} of {b.get('planned')}", ""))
@@ -865,6 +900,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--broker-restarts", type=int, help="broker restarts (full 10)")
     ap.add_argument("--burst", type=int, help="burst messages (full 1000)")
     ap.add_argument("--burst-topics", type=int, help="burst topics (full 50)")
+    ap.add_argument("--bound-scale", type=float, default=1.0,
+                    help="multiply every part's time bound (a slow or busy machine)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other parts already in the --json file (each part says its own date and command)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "soak.json"), help="where the figures go")
     ap.add_argument("--workdir", help="where the brokers' stores and data directories go (a temporary dir)")
     args = ap.parse_args(argv)
@@ -880,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("payloads", "kills", "broker_restarts", "burst", "burst_topics"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    cfg["bounds"] = {k: v * args.bound_scale for k, v in cfg["bounds"].items()}
     cfg["one_at_a_time"] = min(cfg["one_at_a_time"], cfg["payloads"] // 5)
     parts = [p for p in PARTS if p in args.parts.split(",")]
     work = Path(tempfile.mkdtemp(prefix="lamabus-soak-", dir=args.workdir))
@@ -888,8 +928,17 @@ def main(argv: list[str] | None = None) -> int:
         results = asyncio.run(run(parts, cfg, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    command = "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:])
+    for part in results.values():
+        part["command"] = command
+    if args.update and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        kept = {name: {"command": old.get("command"), "date": old.get("date"), **part}
+                for name, part in old.get("parts", {}).items() if name not in results}
+        results = {name: (results[name] if name in results else kept[name])
+                   for name in PARTS if name in results or name in kept}
     doc = {
-        "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "date": now_iso(), "quick": args.quick, "config": cfg, "seconds": round(time.monotonic() - started, 1),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "parts": results,
