@@ -174,6 +174,9 @@ class LamabusService:
             self.web = await stack.enter_async_context(web)
         if metrics_http is not None:
             self.metrics_http = await stack.enter_async_context(metrics_http)
+        # Subscriptions go out with the next flush of the client's buffer: "ready" means a request
+        # sent after it is answered, so push them to the broker first.
+        await self.nc.flush()
         log.info("lamabus ready on %s (prefix %r, data %s, node %s, registry %s%s)", self.url, s.prefix, s.data_path,
                  s.node_name, s.registry, f", {replicas} replicas" if clustered else "")
 
