@@ -298,7 +298,9 @@ class PartitionedIntake(TopicIntake):
             want = wanted_owner(p, self.members) == self.node_id
             held = self._held.get(p)
             if held is not None:
-                if held.releasing:
+                if held.releasing:  # finishing what it holds before giving it back: keep the lease till then
+                    with contextlib.suppress(Exception):
+                        held.revision = await kv.update(f"part.{p}", self.node_id.encode(), last=held.revision)
                     continue
                 if not want:
                     held.releasing = True
@@ -309,9 +311,23 @@ class PartitionedIntake(TopicIntake):
                 try:
                     revision = await kv.create(f"part.{p}", self.node_id.encode())
                 except nats.js.errors.KeyWrongLastSequenceError:
-                    continue  # still held by another node: it gives it back, or its lease expires
+                    revision = await self._reclaim(p)
+                    if revision is None:
+                        continue  # held by another node: it gives it back, or its lease expires
                 held = self._held[p] = _Held(revision=revision, renewed=now)
                 self._tg.start_soon(self._consume, p, held)
+
+    async def _reclaim(self, p: int) -> int | None:
+        """A lease still held in our name: an earlier run of this node (killed, restarted at once) took it.
+        Take it over now rather than after it expires."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(f"part.{p}")
+            if entry.value != self.node_id.encode() or entry.revision is None:
+                return None
+            return await self._kv.update(f"part.{p}", self.node_id.encode(), last=entry.revision)
+        except Exception:
+            return None
 
     async def _renew(self, p: int, held: _Held, now: float) -> None:
         assert self._kv is not None
@@ -337,6 +353,7 @@ class PartitionedIntake(TopicIntake):
             self._drop(p, held)
 
     def _drop(self, p: int, held: _Held) -> None:
+        held.releasing = True
         if self._held.get(p) is held:
             del self._held[p]
         if held.scope is not None:
@@ -351,10 +368,20 @@ class PartitionedIntake(TopicIntake):
                 held.drained = anyio.Event()
                 await held.drained.wait()
         assert self._kv is not None
-        with contextlib.suppress(Exception):
-            await self._kv.delete(f"part.{p}", last=held.revision)
         if self._held.get(p) is held:
-            del self._held[p]
+            del self._held[p]  # renewed no more
+        for _ in range(3):  # a renewal in flight may have moved the revision on
+            try:
+                await self._kv.delete(f"part.{p}", last=held.revision)
+                break
+            except nats.js.errors.KeyWrongLastSequenceError:
+                with contextlib.suppress(Exception):
+                    entry = await self._kv.get(f"part.{p}")
+                    if entry.value != self.node_id.encode() or entry.revision is None:
+                        break
+                    held.revision = entry.revision
+            except Exception:
+                break  # it expires by itself
         log.info("node %s gave partition %d back", self.node_id, p)
 
     async def _leave(self) -> None:
@@ -394,6 +421,8 @@ class PartitionedIntake(TopicIntake):
     async def _consume(self, p: int, held: _Held) -> None:
         with anyio.CancelScope() as scope:
             held.scope = scope
+            if self._held.get(p) is not held or held.releasing:
+                return  # lost or given back before this task started
             try:
                 seen_up_to = await self._takeover(p)
             except Exception as exc:

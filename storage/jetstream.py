@@ -87,6 +87,7 @@ H_MSG_ID = "Nats-Msg-Id"
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_STREAM_NAME_IN_USE = 10058
 _ERR_WRONG_LAST_SEQUENCE = 10071
+_ERR_WRONG_LAST_SEQUENCE_CONSTANT = 10164  # the same refusal, as some paths word it ("wrong last sequence")
 _ERR_BATCH_INCOMPLETE = 10176  # also what a batch over the server's in-flight limit gets: nothing stored, try again
 _ERR_BATCH_UNSUPPORTED_HEADER = 10177  # 2.12's answer to Nats-Msg-Id in a batch
 _ERR_BATCH_DUPLICATE_MSG_ID = 10201
@@ -419,7 +420,8 @@ class JetStreamEventStore(EventStore):
                     self._msg_ids = False
                     continue
                 # A duplicate id is a fence too: one of ours is stored somewhere, and looking again says where.
-                fenced = err.get("err_code") in (_ERR_WRONG_LAST_SEQUENCE, _ERR_BATCH_DUPLICATE_MSG_ID)
+                fenced = err.get("err_code") in (_ERR_WRONG_LAST_SEQUENCE, _ERR_WRONG_LAST_SEQUENCE_CONSTANT,
+                                                 _ERR_BATCH_DUPLICATE_MSG_ID)
                 transient = err.get("code") in (None, 408, 503) or err.get("err_code") == _ERR_BATCH_INCOMPLETE
                 if not fenced and not transient:
                     raise LamaError(ErrorCode.INTERNAL, f"JetStream refused the append: {err.get('description')}",

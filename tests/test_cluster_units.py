@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import nats
 
 from bus.cluster import partition_of, wanted_owner
@@ -59,3 +60,79 @@ def test_cluster_settings_from_flags_and_environment(tmp_path: Path):
         except LamaError:
             continue
         raise AssertionError(f"accepted {bad}")
+
+
+# -- the assistant as one node of several ---------------------------------------------------------------
+
+
+async def test_every_generation_event_names_the_node(tmp_path: Path):
+    from handlers.assistant import Assistant, AssistantSettings
+    from tests.test_assistant_unit import FakeDelivery, FakeDirectory, FakePublisher, FakeRuntime, msg
+    from wire.messages import GenerationCompleted, GenerationStarted, encode
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    directory, runtime, pub = FakeDirectory(), FakeRuntime(), FakePublisher()
+    directory.resolve_model = _model_at(str(model))  # type: ignore[method-assign]
+    async with Assistant(directory, runtime, pub, AssistantSettings(node_id="n7")) as assistant:
+        d = FakeDelivery()
+        await assistant.submit(msg("a", "one two"), d)
+        await d.acked.wait()
+        assert assistant.stats()["node_id"] == "n7"
+    started, completed = pub.events
+    assert isinstance(started, GenerationStarted) and isinstance(completed, GenerationCompleted)
+    assert started.node_id == completed.node_id == "n7"
+    assert b'"nodeId":"n7"' in encode(completed)
+
+
+async def test_a_node_without_the_model_file_says_so_and_takes_nothing(tmp_path: Path):
+    from handlers.assistant import Assistant, AssistantSettings
+    from tests.test_assistant_unit import FakeDelivery, FakeDirectory, FakePublisher, FakeRuntime, msg
+    from wire.errors import ErrorCode
+    from wire.messages import GenerationFailed
+
+    directory, runtime, pub = FakeDirectory(), FakeRuntime(), FakePublisher()
+    directory.resolve_model = _model_at(str(tmp_path / "elsewhere.gguf"))  # type: ignore[method-assign]
+    async with Assistant(directory, runtime, pub, AssistantSettings(node_id="n2")) as assistant:
+        d = FakeDelivery()
+        await assistant.submit(msg("a"), d)
+        assert d.acked.is_set()  # settled: not redelivered forever
+    (failed,) = pub.events
+    assert isinstance(failed, GenerationFailed) and failed.node_id == "n2"
+    assert failed.error.code is ErrorCode.MODEL_FILE_MISSING and "n2" in failed.error.message
+    assert runtime.requests == []  # nothing queued, nothing generated
+
+
+async def test_a_late_node_publishes_the_reply_recorded_first_not_its_own():
+    """Two nodes answered the same message (one took the topic over while the other was slow); the registry
+    kept the first record, and the late node publishes that one under the shared id."""
+    from handlers.assistant import Assistant, AssistantSettings
+    from handlers.ports import RecordedReply
+    from tests.test_assistant_unit import FakeDelivery, FakeDirectory, FakePublisher, FakeRuntime, msg
+
+    class FirstRecordWins(FakeDirectory):
+        async def record_reply(self, message, reply, completed):
+            if (message.topic, message.id) not in self.replies:  # the other node's record, already there
+                other = msgspec.structs.replace(reply, text="the other node's answer")
+                self.replies[(message.topic, message.id)] = RecordedReply(
+                    other, msgspec.structs.replace(completed, text=other.text, node_id="n1"))
+
+    directory, runtime, pub = FirstRecordWins(), FakeRuntime(), FakePublisher()
+    async with Assistant(directory, runtime, pub, AssistantSettings()) as assistant:
+        d = FakeDelivery()
+        await assistant.submit(msg("a", "my answer"), d)
+        await d.acked.wait()
+    (reply,) = pub.messages
+    assert reply.text == "the other node's answer"
+    assert pub.events[-1].text == "the other node's answer" and pub.events[-1].node_id == "n1"
+
+
+def _model_at(path: str):
+    from engine.types import ModelConfig
+    from handlers.ports import ModelRef
+    from tests.test_assistant_unit import AI
+
+    async def resolve_model(topic, requested):
+        return ModelRef(model_id="m1", person_id=AI, config=ModelConfig(model_path=path))
+
+    return resolve_model
