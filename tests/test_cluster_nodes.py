@@ -212,6 +212,8 @@ async def test_two_nodes_answer_each_message_once_in_order_one_node_per_topic(cl
         diag_a, diag_b = a.intake.node_diagnostics(), b.intake.node_diagnostics()  # type: ignore[attr-defined]
         assert sorted(diag_a["partitions"] + diag_b["partitions"]) == list(range(PARTITIONS))
         assert diag_a["members"] == ["a", "b"] and diag_a["nodeId"] == "a"
+        service = (await b.diagnostics()).assistant
+        assert service is not None and service["node_id"] == "b" and service["node"] == diag_b
 
 
 # -- a node SIGKILLed mid-generation ----------------------------------------------------------------------
