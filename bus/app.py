@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from typing import Any
 
 import anyio
@@ -25,6 +24,7 @@ from bus.config import Settings
 from bus.connection import connect, wait_until_deaf
 from bus.embedded import EmbeddedNatsServer
 from bus.intake import StreamLimits, TopicIntake
+from bus.listen import port_free
 from bus.metrics import MetricsServer, metrics_for
 from bus.publisher import NatsPublisher
 from bus.api import Api
@@ -52,15 +52,6 @@ _cancel_decoder = msgspec.json.Decoder(GenerationCancel)
 
 class ClientDeaf(RuntimeError):
     """The NATS client stopped reading while it believes it is connected; only a restart helps."""
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 class LamabusService:
@@ -110,7 +101,7 @@ class LamabusService:
         if s.nats_url:
             self.url = s.nats_url
         else:
-            port = s.embedded_port if s.embedded_port and _port_free("127.0.0.1", s.embedded_port) else 0
+            port = s.embedded_port if s.embedded_port and port_free("127.0.0.1", s.embedded_port) else 0
             if s.embedded_port and not port:
                 log.warning("port %d is taken; the embedded nats-server takes a free one", s.embedded_port)
             self.embedded = await stack.enter_async_context(EmbeddedNatsServer(

@@ -8,35 +8,16 @@ page does; the bound URL is written to ``<data-dir>/metrics.url``.
 from __future__ import annotations
 
 import logging
-import socket
 from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
 
 from bus.config import Settings
+from bus.listen import http_url, listen
 from handlers.metrics import ServiceMetrics
 
 log = logging.getLogger("lamabus.metrics")
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for candidate in (port, 0) if port else (0,):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, candidate))
-        except OSError:
-            sock.close()
-            if candidate == 0:
-                raise
-            log.warning("port %d is taken; /metrics takes a free one", port)
-            continue
-        sock.listen(64)
-        sock.setblocking(False)
-        return sock
-    raise AssertionError("unreachable")
 
 
 class MetricsServer:
@@ -63,13 +44,13 @@ class MetricsServer:
         await runner.setup()
         self._runner = runner
         try:
-            sock = _listen(self.host, self.port)
+            sock = listen(self.host, self.port, what="/metrics", backlog=64)
             await web.SockSite(runner, sock).start()
         except BaseException:
             await self.aclose()
             raise
-        host, self.port = sock.getsockname()[:2]
-        self.url = f"http://[{host}]:{self.port}/metrics" if ":" in host else f"http://{host}:{self.port}/metrics"
+        self.port = sock.getsockname()[1]
+        self.url = http_url(sock, "/metrics")
         if self.url_file is not None:
             self.url_file.write_text(f"{self.url}\n")
         log.info("metrics on %s", self.url)

@@ -10,7 +10,6 @@ broker's WebSocket listener is and which subject prefix and stream to use.
 from __future__ import annotations
 
 import logging
-import socket
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from bus.config import Settings
+from bus.listen import http_url, listen, port_free
 from bus.subjects import Subjects
 
 log = logging.getLogger("lamabus.web")
@@ -40,36 +40,6 @@ def embedded_websocket_port(settings: Settings) -> int | None:
         return None
     port = settings.embedded_ws_port
     return port if port and port_free("127.0.0.1", port) else 0
-
-
-def port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port``, or on a free port of ``host`` when that one is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for candidate in (port, 0) if port else (0,):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, candidate))
-        except OSError:
-            sock.close()
-            if candidate == 0:
-                raise
-            log.warning("port %d is taken; the chat page takes a free one", port)
-            continue
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
-    raise AssertionError("unreachable")
 
 
 class WebServer:
@@ -112,15 +82,14 @@ class WebServer:
         await runner.setup()
         self._runner = runner
         try:
-            sock = _bind(self.host, self.port)
+            sock = listen(self.host, self.port, what="the chat page")
             site = web.SockSite(runner, sock)
             await site.start()
         except BaseException:
             await self.stop()
             raise
-        host, port = sock.getsockname()[:2]
-        self.port = port
-        self.url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        self.port = sock.getsockname()[1]
+        self.url = http_url(sock, "/")
         if self.url_file is not None:
             self.url_file.write_text(f"{self.url}\n")
         log.info("chat page on %s (NATS WebSocket %s)", self.url, self.ws_url)
