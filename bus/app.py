@@ -203,12 +203,11 @@ class LamabusService:
             if msg.subject != self.subjects.raw_topic_subject(request.topic, "cancel"):
                 raise LamaError(ErrorCode.BAD_REQUEST, "cancel topic does not match its subject", field="$.topic")
             data, headers = encode(await self.assistant.cancel(request.topic, request.request_id)), None
-        except LamaError as exc:
-            status, description, data = error_reply(exc)
-            headers = {"Nats-Service-Error": description, "Nats-Service-Error-Code": status}
         except Exception as exc:
-            log.exception("cancel on %r failed", msg.subject)
-            status, description, data = error_reply(LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            if not isinstance(exc, LamaError):
+                log.exception("cancel on %r failed", msg.subject)
+                exc = LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            status, description, data = error_reply(exc)
             headers = {"Nats-Service-Error": description, "Nats-Service-Error-Code": status}
         if not msg.reply:
             return
