@@ -140,11 +140,11 @@ class LamabusService:
         limits = StreamLimits(max_age=s.topics_max_age, max_bytes=s.topics_max_bytes)
         if clustered:
             self.intake = PartitionedIntake(
-                js, self.subjects, self.assistant.submit, node_id=s.node_name, partitions=s.partitions,
+                self.nc, self.subjects, self.assistant.submit, node_id=s.node_name, partitions=s.partitions,
                 replicas=replicas, lease_ttl=s.lease_ttl, ack_wait=s.ack_wait, duplicate_window=s.duplicate_window,
                 window=s.intake_window, limits=limits)
         else:
-            self.intake = TopicIntake(js, self.subjects, self.assistant.submit, ack_wait=s.ack_wait,
+            self.intake = TopicIntake(self.nc, self.subjects, self.assistant.submit, ack_wait=s.ack_wait,
                                       duplicate_window=s.duplicate_window, window=s.intake_window, limits=limits)
         if self.metrics:
             self.metrics.observe(assistant=self.assistant, engine=self.engine, models=self.models, intake=self.intake)

@@ -47,7 +47,6 @@ from anyio.abc import TaskGroup
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
@@ -191,10 +190,10 @@ class _Held:
 class PartitionedIntake(TopicIntake):
     """The intake of one node of a cluster: pulls only from the partitions whose lease it holds."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects, submit: Submit, *, node_id: str, partitions: int,
+    def __init__(self, nc: Client, subjects: Subjects, submit: Submit, *, node_id: str, partitions: int,
                  replicas: int, lease_ttl: float, ack_wait: float, duplicate_window: float, window: int = 64,
                  batch: int = 32, limits: StreamLimits | None = None, release_timeout: float = 30.0) -> None:
-        super().__init__(js, subjects, submit, ack_wait=ack_wait, duplicate_window=duplicate_window, window=window,
+        super().__init__(nc, subjects, submit, ack_wait=ack_wait, duplicate_window=duplicate_window, window=window,
                          batch=batch, limits=limits)
         self.node_id = node_id
         self.partitions = partitions
@@ -207,7 +206,7 @@ class PartitionedIntake(TopicIntake):
         self.takeovers = 0
         self._held: dict[int, _Held] = {}
         self._kv: KeyValue | None = None
-        self._api = _Api(js._nc)
+        self._api = _Api(nc)
         self._tg: TaskGroup | None = None
         self._work_head = f"{subjects.prefix}.work."
 
@@ -243,9 +242,8 @@ class PartitionedIntake(TopicIntake):
         await ensure_work_stream(self._api, self.subjects, partitions=self.partitions, replicas=self.replicas,
                                  limits=limits)
         self._kv = await self._bucket()
-        wildcards = await self.js._nc.subscribe(self.subjects.all_msg, cb=self._on_core_msg)
         try:
-            async with anyio.create_task_group() as tg:
+            async with self.answering_wildcard_topics(), anyio.create_task_group() as tg:
                 self._tg = tg
                 await self._coordinate_once()
                 task_status.started()
@@ -258,8 +256,6 @@ class PartitionedIntake(TopicIntake):
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                 await self._leave()
-                with contextlib.suppress(Exception):
-                    await wildcards.unsubscribe()
 
     async def _bucket(self) -> KeyValue:
         name = bucket_name(self.subjects)

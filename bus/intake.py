@@ -19,13 +19,15 @@ broker for later; no exception from one message leaves the fetch loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
 import msgspec
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -147,10 +149,11 @@ Submit = Callable[[ChatMessage, JetStreamDelivery], Awaitable[None]]
 class TopicIntake:
     """Pulls chat messages from the durable consumer and submits each one."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects, submit: Submit, *,
+    def __init__(self, nc: Client, subjects: Subjects, submit: Submit, *,
                  ack_wait: float, duplicate_window: float, window: int = 64, batch: int = 32,
                  limits: StreamLimits | None = None) -> None:
-        self.js = js
+        self.nc = nc
+        self.js = nc.jetstream()
         self.subjects = subjects
         self.submit = submit
         self.ack_wait = ack_wait
@@ -192,14 +195,26 @@ class TopicIntake:
             return None
         return info.num_pending
 
+    @contextlib.asynccontextmanager
+    async def answering_wildcard_topics(self) -> AsyncIterator[None]:
+        """JetStream stores a message published on ``<prefix>.topic.>.msg`` (the stream's ``*``
+        matches the literal ``>`` token) but no consumer filtered on ``*.msg`` ever delivers it: it
+        would be accepted and never answered. Core delivery does match it, so while this is entered
+        such a message is answered from a plain subscription, as it is published."""
+        wildcards = await self.nc.subscribe(self.subjects.all_msg, cb=self._on_core_msg)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # gone with its connection
+                await wildcards.unsubscribe()
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         psub = await self._bind()
-        # JetStream stores a message published on ``<prefix>.topic.>.msg`` (the stream's ``*``
-        # matches the literal ``>`` token) but no consumer filtered on ``*.msg`` ever delivers
-        # it: it would be accepted and never answered. Core delivery does match it, so such a
-        # message is answered from a plain subscription instead, as it is published.
-        wildcards = await self.js._nc.subscribe(self.subjects.all_msg, cb=self._on_core_msg)
-        task_status.started()
+        async with self.answering_wildcard_topics():
+            task_status.started()
+            await self._pull(psub)
+
+    async def _pull(self, psub: JetStreamContext.PullSubscription) -> None:
         try:
             while True:
                 room = await self._wait_for_room()
@@ -221,10 +236,6 @@ class TopicIntake:
         finally:
             with anyio.CancelScope(shield=True):
                 await _unsubscribe(psub)
-                try:
-                    await wildcards.unsubscribe()
-                except Exception:  # gone with its connection
-                    pass
 
     async def _on_core_msg(self, msg: Msg) -> None:
         try:
