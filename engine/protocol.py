@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar, Union
 import msgspec
 
 from engine.types import GenerateRequest, GenerationResult, ModelConfig
+from wire.params import SamplingParams
 from wire.decoding import decode_untrusted
 
 HEADER = struct.Struct(">I")
@@ -48,6 +49,16 @@ class Generate(_Msg, tag="gen"):
     request: GenerateRequest
 
 
+class Check(_Msg, tag="check"):
+    """Compile ``sampling``'s grammar or schema and throw it away: answered ``Checked`` or ``Failed``.
+
+    Lets a caller refuse a bad grammar before it announces anything (the assistant's
+    ``generation.started``), with llama.cpp's own parser, inside this crash-isolated process."""
+
+    gid: int
+    sampling: SamplingParams
+
+
 class Cancel(_Msg, tag="cancel"):
     gid: int
 
@@ -62,7 +73,7 @@ class Crash(_Msg, tag="crash"):
     signal: int
 
 
-Command = Union[Load, Generate, Cancel, Shutdown, Crash]
+Command = Union[Load, Generate, Check, Cancel, Shutdown, Crash]
 
 
 # ---- worker -> parent -------------------------------------------------------
@@ -110,6 +121,12 @@ class Started(_Msg, tag="started"):
     truncated: bool = False
 
 
+class Checked(_Msg, tag="checked"):
+    """The grammar of ``Check`` ``gid`` compiled."""
+
+    gid: int
+
+
 class Done(_Msg, tag="done"):
     gid: int
     result: GenerationResult
@@ -131,7 +148,7 @@ class Stats(_Msg, tag="stats"):
     kv_moves: int = 0  # sequences moved to another id to keep the running ones consecutive (Worker.compact)
 
 
-Event = Union[Loaded, LoadFailed, Chunk, Started, Done, Failed, Stats]
+Event = Union[Loaded, LoadFailed, Chunk, Started, Checked, Done, Failed, Stats]
 
 command_encoder = msgspec.msgpack.Encoder()
 command_decoder = msgspec.msgpack.Decoder(Command)

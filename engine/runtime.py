@@ -32,6 +32,8 @@ from engine.gguf import ModelInfo, read_model_info
 from engine.memory import MemoryAvailable, MemoryPrediction, MemoryProbe, available_memory, fits, predict_memory
 from engine.protocol import (
     Cancel,
+    Check,
+    Checked,
     Chunk,
     Done,
     Failed,
@@ -49,7 +51,7 @@ from engine.protocol import (
 )
 from engine.types import GenerateRequest, GenerationResult, ModelConfig, TokenChunk
 from wire.errors import ErrorCode, LamaError
-from wire.params import GenerationParams
+from wire.params import GenerationParams, SamplingParams
 
 log = logging.getLogger("engine")
 
@@ -87,7 +89,8 @@ class _GenState:
     def __init__(self, gid: int, request_id: str) -> None:
         self.gid = gid
         self.request_id = request_id
-        self.queue: asyncio.Queue[TokenChunk | GenerationResult | LamaError | _WorkerDied] = asyncio.Queue()
+        # None: a Check passed
+        self.queue: asyncio.Queue[TokenChunk | GenerationResult | LamaError | _WorkerDied | None] = asyncio.Queue()
         self.started: Started | None = None
 
 
@@ -170,6 +173,16 @@ class _Worker:
             st.queue.put_nowait(_WorkerDied(self._death_error(), False))
         return st
 
+    def check(self, sampling: SamplingParams) -> _GenState:
+        gid = self.next_gid
+        self.next_gid += 1
+        st = _GenState(gid, "")
+        self.gens[gid] = st
+        if not self.send(Check(gid, sampling)):
+            del self.gens[gid]
+            st.queue.put_nowait(_WorkerDied(self._death_error(), False))
+        return st
+
     def cancel(self, gid: int) -> bool:
         return gid in self.gens and self.send(Cancel(gid))
 
@@ -214,6 +227,10 @@ class _Worker:
             st = self.gens.pop(ev.gid, None)
             if st is not None:
                 st.queue.put_nowait(ev.result)
+        elif isinstance(ev, Checked):
+            st = self.gens.pop(ev.gid, None)
+            if st is not None:
+                st.queue.put_nowait(None)
         elif isinstance(ev, Started):
             st = self.gens.get(ev.gid)
             if st is not None:
@@ -519,6 +536,28 @@ class Engine:
                         del self._running[request.request_id]
                 if not finished:
                     worker.forget(st.gid)
+
+    async def check_sampling(self, handle: str, sampling: SamplingParams) -> None:
+        """Raise what a generation with ``sampling`` would fail with before its first token because of
+        its grammar or JSON schema (``bad_request`` naming the field); return when it compiles. The
+        model's own worker compiles it (a grammar may name the model's tokens), crash-isolated."""
+        self._check_open()
+        model = self._model_for(handle)
+        if sampling.grammar is None and sampling.json_schema is None:
+            return
+        if sampling.grammar is not None and sampling.json_schema is not None:
+            raise LamaError(ErrorCode.BAD_REQUEST, "give params.grammar or params.jsonSchema, not both",
+                            field="params.grammar")
+        worker = await self._live_worker(model)
+        st = worker.check(sampling)
+        try:
+            item = await st.queue.get()
+        finally:
+            worker.gens.pop(st.gid, None)
+        if isinstance(item, _WorkerDied):
+            raise item.error
+        if isinstance(item, LamaError):
+            raise item
 
     async def generate(self, handle: str, request: GenerateRequest) -> GenerationResult:
         result: GenerationResult | None = None

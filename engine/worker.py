@@ -32,6 +32,8 @@ from engine.binding import Llama, check_build
 from engine.chat import fit_messages
 from engine.protocol import (
     Cancel,
+    Check,
+    Checked,
     Chunk,
     Command,
     Done,
@@ -155,6 +157,9 @@ class Worker:
                 self.emit(Failed(cmd.gid, ErrorCode.INTERNAL, "no model is loaded in this worker"))
             else:
                 self.receive(_Gen(cmd.gid, cmd.request))
+        elif isinstance(cmd, Check):
+            self.check(cmd)
+            self.flush()
         elif isinstance(cmd, Load):
             self.load(cmd)
             self.flush()
@@ -175,6 +180,21 @@ class Worker:
                 self.emit(Failed(g.gid, ErrorCode.INTERNAL.value, f"grammar setup failed: {exc!r}"))
                 return
         self.waiting.append(g)
+
+    def check(self, cmd: Check) -> None:
+        if self.sched is None:
+            self.emit(Failed(cmd.gid, ErrorCode.INTERNAL.value, "no model is loaded in this worker"))
+            return
+        try:
+            _, chain = self.llama.make_grammar(cmd.sampling)
+        except LamaError as exc:
+            self.emit(Failed(cmd.gid, exc.code.value, exc.message, exc.details))
+            return
+        except Exception as exc:
+            self.emit(Failed(cmd.gid, ErrorCode.INTERNAL.value, f"grammar setup failed: {exc!r}"))
+            return
+        self.llama.free_sampler(chain)  # and the grammar it owns
+        self.emit(Checked(cmd.gid))
 
     def load(self, cmd: Load) -> None:
         t0 = time.perf_counter()

@@ -67,6 +67,20 @@ class Delivery(Protocol):
         """Hand the message back to the transport to be delivered again soon; never raises."""
 
 
+class Background(Protocol):
+    """Low-priority work on the models the assistant uses (topic analysis): told when users' messages
+    come and go, so that it runs only while a model has none and yields the moment one comes."""
+
+    def user_waiting(self, model_id: str) -> None:
+        """A user's message for ``model_id`` was accepted: let go of the model now."""
+
+    def user_done(self, model_id: str) -> None:
+        """A user's message for ``model_id`` is settled (answered, failed, cancelled, handed back)."""
+
+    def replied(self, topic: str, model_id: str, reply_id: str) -> None:
+        """A reply in ``topic`` was recorded and published."""
+
+
 class AssistantSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent_topics: int = 8
     max_queue_per_model: int = 64
@@ -84,6 +98,12 @@ class _Job:
     model: ModelRef
     delivery: Delivery
     accepted_at: float
+    sampling: SamplingParams
+    #: Requests ahead of this one for its model when it was accepted (generation.started's queuePosition).
+    ahead: int = 0
+    #: generation.started is out. A constrained message's is held back until its grammar compiled, so
+    #: that a bad grammar is answered with generation.failed alone.
+    announced: bool = False
     cancelled: bool = False
     #: The engine has finished; a cancel from here on cannot stop the reply.
     finishing: bool = False
@@ -123,11 +143,12 @@ class Assistant:
     """Owns the topic lanes. Use as an async context manager; ``submit`` each consumed message."""
 
     def __init__(self, directory: Directory, runtime: Runtime, publisher: Publisher,
-                 settings: AssistantSettings | None = None) -> None:
+                 settings: AssistantSettings | None = None, *, background: Background | None = None) -> None:
         self.directory = directory
         self.runtime = runtime
         self.publisher = publisher
         self.settings = settings or AssistantSettings()
+        self.background = background
         self._lanes: dict[str, _Lane] = {}
         self._queued: collections.Counter[str] = collections.Counter()
         self._limiter = anyio.CapacityLimiter(self.settings.max_concurrent_topics)
@@ -186,15 +207,14 @@ class Assistant:
                 f"(re-publish with a new Nats-Msg-Id header, e.g. {message.id}.retry1)",
                 model_id=model.model_id, queued=ahead, retryable=True), delivery)
             return
-        self._queued[model.model_id] += 1
-        job = _Job(message, model, delivery, accepted_at=_now_ms())
+        sampling = SamplingParams.resolve(message.params, model.params)
+        self._enqueued(model.model_id)
+        job = _Job(message, model, delivery, accepted_at=_now_ms(), sampling=sampling, ahead=ahead)
         try:
-            await self.publisher.event(
-                GenerationStarted(request_id=message.id, topic=topic, author_id=model.person_id,
-                                  model_id=model.model_id, queue_position=ahead, node_id=self.settings.node_id),
-                dedup_id=f"{message.id}.started.{topic}", wait=False)
+            if sampling.grammar is None and sampling.json_schema is None:
+                await self._announce(job)
         except BaseException:
-            self._queued[model.model_id] -= 1  # not queued after all: the transport redelivers it
+            self._dequeued(model.model_id)  # not queued after all: the transport redelivers it
             raise
         lane = self._lanes.get(topic)
         if lane is None:
@@ -205,6 +225,24 @@ class Assistant:
             lane.jobs.append(job)
             if self.settings.on_new_message == "interrupt" and lane.current is not None:
                 await self.runtime.cancel(lane.current.message.id)
+
+    def _enqueued(self, model_id: str) -> None:
+        self._queued[model_id] += 1
+        if self.background is not None:
+            self.background.user_waiting(model_id)
+
+    def _dequeued(self, model_id: str) -> None:
+        self._queued[model_id] -= 1
+        if self.background is not None:
+            self.background.user_done(model_id)
+
+    async def _announce(self, job: _Job) -> None:
+        message, model = job.message, job.model
+        job.announced = True
+        await self.publisher.event(
+            GenerationStarted(request_id=message.id, topic=message.topic, author_id=model.person_id,
+                              model_id=model.model_id, queue_position=job.ahead, node_id=self.settings.node_id),
+            dedup_id=f"{message.id}.started.{message.topic}", wait=False)
 
     async def _settle_duplicate(self, recorded: RecordedReply, delivery: Delivery) -> None:
         self.counters["duplicates"] += 1
@@ -237,7 +275,7 @@ class Assistant:
                     await job.delivery.retry_later()
                 finally:
                     lane.current = None
-                    self._queued[job.model.model_id] -= 1
+                    self._dequeued(job.model.model_id)
         finally:
             if self._lanes.get(topic) is lane:
                 del self._lanes[topic]
@@ -251,6 +289,20 @@ class Assistant:
         if job.cancelled:
             await self._cancelled(job, text="", tokens=0)
             return
+        if not job.announced:
+            try:
+                await self.runtime.check(job.model, job.sampling)
+            except LamaError as exc:
+                await self._fail(message, exc, job.delivery)
+                return
+            except Exception as exc:  # the boundary, as for the generation below
+                log.exception("checking the grammar of %s in %s failed", message.id, message.topic)
+                await self._fail(message, LamaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"), job.delivery)
+                return
+            if job.cancelled:
+                await self._cancelled(job, text="", tokens=0)
+                return
+            await self._announce(job)
         try:
             async with self._limiter:
                 result = await self._generate(job)
@@ -290,6 +342,8 @@ class Assistant:
         await self.publisher.event(completed, dedup_id=completed_dedup_id(reply.id))
         await job.delivery.ack()
         self.counters["answered"] += 1
+        if self.background is not None:
+            self.background.replied(message.topic, model.model_id, reply.id)
 
     async def _generate(self, job: _Job) -> GenerationResult | None:
         """The engine's result, or None when the job was cancelled before the engine took it.
@@ -307,8 +361,8 @@ class Assistant:
             return None
         turns = (ChatTurn("system", model.system_prompt or self.settings.system_prompt), *history,
                  ChatTurn("user", message.text))
-        request = GenerateRequest(request_id=message.id, sampling=SamplingParams.resolve(message.params, model.params),
-                                  messages=turns, conversation=message.topic)
+        request = GenerateRequest(request_id=message.id, sampling=job.sampling, messages=turns,
+                                  conversation=message.topic)
         seq = 0
         result: GenerationResult | None = None
         told_engine = silent = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import AsyncIterator, Protocol
 
 from engine.types import GenerateRequest, GenerationResult, TokenChunk
+from wire.params import SamplingParams
 from handlers.models_runtime import ModelsRuntime
 from handlers.ports import ModelRef
 
@@ -13,6 +14,8 @@ class EngineLike(Protocol):
     def generate_stream(self, handle: str, request: GenerateRequest) -> AsyncIterator[TokenChunk | GenerationResult]: ...
 
     async def cancel(self, request_id: str) -> bool: ...
+
+    async def check_sampling(self, handle: str, sampling: SamplingParams) -> None: ...
 
 
 class EngineRuntime:
@@ -26,6 +29,12 @@ class EngineRuntime:
         async with self.models.use(model) as loaded:
             async for item in self.engine.generate_stream(loaded.handle, request):
                 yield item
+
+    async def check(self, model: ModelRef, sampling: SamplingParams) -> None:
+        if sampling.grammar is None and sampling.json_schema is None:
+            return  # nothing to compile: no need to load the model for it
+        async with self.models.use(model) as loaded:
+            await self.engine.check_sampling(loaded.handle, sampling)
 
     async def cancel(self, request_id: str) -> bool:
         return await self.engine.cancel(request_id)

@@ -13,7 +13,7 @@ import msgspec
 
 from engine.types import ChatTurn, GenerateRequest, GenerationResult, ModelConfig, TokenChunk
 from wire.messages import ChatMessage, GenerationCompleted, GenerationToken, TopicEvent
-from wire.params import GenerationParams
+from wire.params import GenerationParams, SamplingParams
 
 
 class ModelRef(msgspec.Struct, frozen=True):
@@ -68,5 +68,9 @@ class Directory(Protocol):
 class Runtime(Protocol):
     def generate_stream(self, model: ModelRef, request: GenerateRequest) -> AsyncIterator[TokenChunk | GenerationResult]:
         """Chunks then one result; loads ``model`` if needed and keeps it loaded meanwhile."""
+
+    async def check(self, model: ModelRef, sampling: SamplingParams) -> None:
+        """Raise the ``bad_request`` a generation with ``sampling`` would fail with for its grammar or
+        JSON schema; return when there is none or it compiles (loading ``model`` if needed)."""
 
     async def cancel(self, request_id: str) -> bool: ...

@@ -14,6 +14,7 @@ from engine.types import ChatTurn, GenerateRequest, GenerationResult, ModelConfi
 from handlers.assistant import Assistant, AssistantSettings, completed_dedup_id, reply_id_for
 from handlers.ports import ModelRef, RecordedReply
 from wire.errors import ErrorCode, LamaError
+from wire.params import GenerationParams
 from wire.messages import (
     ChatMessage,
     GenerationCancelled,
@@ -90,6 +91,7 @@ class FakeRuntime:
         self.cancelled: set[str] = set()
         self.running: list[str] = []
         self.fail_with: LamaError | None = None
+        self.checked: list = []
         self.reached: collections.defaultdict[str, anyio.Event] = collections.defaultdict(anyio.Event)
 
     async def generate_stream(self, model, request) -> AsyncIterator[TokenChunk | GenerationResult]:
@@ -116,6 +118,11 @@ class FakeRuntime:
         yield GenerationResult(text=text, thinking="", tokens=len(out),
                                finish_reason="cancelled" if cancelled else "stop",
                                timing=Timing(0, 1, 1, 1, 1), usage=Usage(1, len(out), 1 + len(out)))
+
+    async def check(self, model, sampling):
+        self.checked.append(sampling)
+        if sampling.grammar == "bad":
+            raise LamaError(ErrorCode.BAD_REQUEST, "params.grammar does not parse", field="params.grammar")
 
     async def cancel(self, request_id):
         self.cancelled.add(request_id)
@@ -330,3 +337,24 @@ async def test_model_or_topic_system_prompt_beats_the_default(parts):
         await assistant.submit(msg("a", "bonjour"), d)
         await d.acked.wait()
     assert runtime.requests[0].messages[0] == ChatTurn("system", "Answer in French.")
+
+
+async def test_a_bad_grammar_is_refused_before_generation_started(parts):
+    directory, runtime, pub = parts
+    async with Assistant(directory, runtime, pub) as assistant:
+        bad, good, plain = FakeDelivery(), FakeDelivery(), FakeDelivery()
+        await assistant.submit(msg("a", "one two", params=GenerationParams(grammar="bad")), bad)
+        await assistant.submit(msg("b", "one two", params=GenerationParams(grammar='root ::= "x"')), good)
+        await assistant.submit(msg("c", "one two"), plain)
+        await plain.acked.wait()
+    assert bad.acked.is_set() and good.acked.is_set()
+    by_request = collections.defaultdict(list)
+    for e in pub.events:
+        by_request[e.request_id].append(type(e))
+    assert by_request["a"] == [GenerationFailed]
+    (failed,) = [e for e in pub.events if e.request_id == "a"]
+    assert failed.error.details["field"] == "params.grammar"
+    assert by_request["b"] == [GenerationStarted, GenerationCompleted]
+    assert by_request["c"] == [GenerationStarted, GenerationCompleted]
+    assert [s.grammar for s in runtime.checked] == ["bad", 'root ::= "x"']  # the plain message needs no check
+    assert [r.request_id for r in runtime.requests] == ["b", "c"]
