@@ -12,28 +12,23 @@ Changes from the seed's list, and why:
 * Ids follow the registry's rule (``slugify(name)``), so a pulled model gets
   the catalogue id as its model id; the seed's ids still work as aliases.
 
-Downloads run in a worker thread (urllib): resume from ``<file>.part`` with an
-HTTP Range request, retry a dropped connection from where it stopped, check
-size and SHA-256, and only then move the file into place and import it.
+The download itself (aiohttp: resume from ``<file>.part``, retry, progress, size
+and SHA-256 checks) is :func:`handlers.model_files.download`; ``pull`` then imports
+the file.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import importlib.util
 import os
 import re
-import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-from handlers.model_files import ProgressCallback, run_in_thread
+from handlers.model_files import ProgressCallback, download
 from handlers.registry import Registry
 from wire.records import CatalogEntry
 from storage.projections import LLM
@@ -115,133 +110,9 @@ def bundled_model_path() -> Path | None:
     return path if path.exists() else None
 
 
-# ---------------------------------------------------------------------------------------- download
+# ---------------------------------------------------------------------------------------- pull
 
-_CHUNK = 1 << 20
-_USER_AGENT = "lamabus/0.1 (+model pull)"
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-# Errors after which asking again, from where we stopped, may well work.
-_TRANSIENT = (http.client.IncompleteRead, http.client.RemoteDisconnected, ConnectionError, TimeoutError)
-
-
-class _Retry(Exception):
-    """A transient failure: the .part file keeps what arrived."""
-
-
-def _total_from(resp: http.client.HTTPResponse, offset: int) -> int | None:
-    """The full file size: from Content-Range on a 206, else Content-Length of a whole-file 200."""
-    if resp.status == 206:
-        m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-        if not m or int(m.group(1)) != offset:
-            raise LamaError(ErrorCode.INTERNAL, f"server answered a range request with {resp.headers.get('Content-Range')!r}")
-        return None if m.group(3) == "*" else int(m.group(3))
-    length = resp.headers.get("Content-Length")
-    return int(length) if length is not None else None
-
-
-def _download_once(url: str, part: Path, expected_size: int | None, progress: ProgressCallback | None,
-                   stop: threading.Event, timeout: float) -> int:
-    offset = part.stat().st_size if part.exists() else 0
-    if expected_size is not None and offset > expected_size:
-        part.unlink()  # longer than the file can be: not a prefix of it
-        offset = 0
-    if expected_size is not None and offset == expected_size:
-        return offset
-    headers = {"User-Agent": _USER_AGENT}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:
-            # Nothing after our offset: the .part is complete (or stale; the size/hash checks decide).
-            m = re.match(r"bytes \*/(\d+)", exc.headers.get("Content-Range", "") if exc.headers else "")
-            exc.close()
-            if m and int(m.group(1)) == offset:
-                return offset
-            part.unlink()
-            raise _Retry(f"range not satisfiable at {offset}") from None
-        exc.close()
-        code = ErrorCode.NOT_FOUND if exc.code in (404, 410) else ErrorCode.BAD_REQUEST if exc.code < 500 else None
-        if code is None:
-            raise _Retry(f"HTTP {exc.code}") from None
-        raise LamaError(code, f"download of {url} failed: HTTP {exc.code} {exc.reason}", url=url,
-                        status=exc.code) from None
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, _TRANSIENT):
-            raise _Retry(str(exc.reason)) from None
-        raise LamaError(ErrorCode.BAD_REQUEST, f"cannot download {url}: {exc.reason}", url=url) from None
-    with resp:
-        if offset and resp.status == 200:
-            offset = 0  # the server ignored the range: start over
-        full = _total_from(resp, offset)  # the whole file's size, when the server says
-        if expected_size is not None and full is not None and full != expected_size:
-            raise LamaError(ErrorCode.MODEL_INVALID, f"{url} is {full} bytes, expected {expected_size}",
-                            url=url, size=full, expected_size=expected_size)
-        done = offset
-        with open(part, "ab" if offset else "wb") as f:
-            while True:
-                if stop.is_set():
-                    raise LamaError(ErrorCode.CANCELLED, f"download of {url} was cancelled", url=url)
-                try:
-                    chunk = resp.read(_CHUNK)
-                except _TRANSIENT as exc:
-                    raise _Retry(f"{type(exc).__name__} after {done} bytes") from None
-                if not chunk:
-                    break
-                f.write(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, full)
-            f.flush()
-            os.fsync(f.fileno())
-        if full is not None and done != full:
-            raise _Retry(f"connection closed after {done} of {full} bytes")
-        return done
-
-
-def download_sync(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
-                  progress: ProgressCallback | None = None, retries: int = 5, timeout: float = 60.0,
-                  stop: threading.Event | None = None) -> str:
-    """Download ``url`` to ``dest`` (via ``dest.part``), resuming; returns the SHA-256. Blocking."""
-    stop = stop or threading.Event()
-    part = dest.with_name(dest.name + ".part")
-    last: str = ""
-    for _attempt in range(retries + 1):
-        try:
-            _download_once(url, part, expected_size, progress, stop, timeout)
-            break
-        except _Retry as exc:
-            last = str(exc)
-            continue
-    else:
-        raise LamaError(ErrorCode.INTERNAL, f"download of {url} failed after {retries + 1} attempts: {last}",
-                        url=url, resume_from=part.stat().st_size if part.exists() else 0)
-    size = part.stat().st_size
-    if expected_size is not None and size != expected_size:
-        raise LamaError(ErrorCode.MODEL_INVALID, f"{dest.name}: {size} bytes, expected {expected_size}",
-                        size=size, expected_size=expected_size)
-    digest = hashlib.sha256()
-    with open(part, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            if stop.is_set():
-                raise LamaError(ErrorCode.CANCELLED, f"verifying {dest.name} was cancelled")
-            digest.update(chunk)
-    sha = digest.hexdigest()
-    if expected_sha256 is not None and sha != expected_sha256.lower():
-        part.unlink()  # a wrong file must not be resumed from next time
-        raise LamaError(ErrorCode.MODEL_INVALID,
-                        f"{dest.name}: SHA-256 {sha} does not match the catalogue's {expected_sha256}",
-                        sha256=sha, expected_sha256=expected_sha256, url=url)
-    os.replace(part, dest)
-    return sha
-
-
-async def download(url: str, dest: Path, **kwargs: Any) -> str:
-    stop = threading.Event()
-    return await run_in_thread(lambda: download_sync(url, dest, stop=stop, **kwargs), stop=stop)
 
 
 def _filename_from_url(url: str) -> str:
