@@ -12,6 +12,7 @@ Where each figure comes from:
   assistant's :class:`~handlers.ports.Publisher` and sees every
   ``generation.started``, token, ``.completed``, ``.failed`` and ``.cancelled``;
 * model loads: the models runtime's ``on_load`` hook (:meth:`ServiceMetrics.model_load`);
+* topic analyses: the analyser's ``on_outcome`` hook (:meth:`ServiceMetrics.topic_analysis`);
 * what is true now (requests running and waiting, the KV cache, rejected messages):
   read when scraped, from the assistant's ``stats()``, the engine's
   ``diagnostics()``, the models runtime and the intake (:meth:`ServiceMetrics.observe`).
@@ -107,6 +108,7 @@ class ServiceMetrics:
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()  # (model, outcome)
         self.errors: collections.Counter[tuple[str, str]] = collections.Counter()  # (model, code)
         self.loads: collections.Counter[tuple[str, str]] = collections.Counter()  # (model, outcome)
+        self.analyses: collections.Counter[tuple[str, str]] = collections.Counter()  # (model, outcome)
         self.prompt_tokens: collections.Counter[str] = collections.Counter()
         self.cached_tokens: collections.Counter[str] = collections.Counter()
         self.generation_tokens: collections.Counter[str] = collections.Counter()
@@ -151,6 +153,10 @@ class ServiceMetrics:
         """The models runtime's hook: ``outcome`` is ``loaded`` or ``failed``."""
         self._models.add(model_id)
         self.loads[(model_id, outcome)] += 1
+
+    def topic_analysis(self, model_id: str, outcome: str) -> None:
+        """The topic analyser's hook: ``outcome`` is ``completed``, ``failed``, ``invalid`` or ``preempted``."""
+        self.analyses[(model_id, outcome)] += 1
 
     def started(self, event: GenerationStarted) -> None:
         model = event.model_id
@@ -276,6 +282,13 @@ class _Collector:
                                     labels=["model", "outcome"])
         _add(loads, m.loads)
         yield loads
+
+        analyses = CounterMetricFamily(PREFIX + "topic_analyses", "Background topic analyses by outcome "
+                                       "(completed; failed, invalid: counted, not retried until more replies "
+                                       "come; preempted: gave way to a user's message, runs again when idle).",
+                                       labels=["model", "outcome"])
+        _add(analyses, m.analyses)
+        yield analyses
 
         for name, doc, counter in (
             ("prompt_tokens", "Prompt tokens of completed replies.", m.prompt_tokens),

@@ -47,7 +47,9 @@ def nats_url(nats_server: EmbeddedNatsServer) -> str:
 def settings(tmp_path: Path, nats_url: str):
     from bus.config import Settings
 
-    return Settings(nats_url=nats_url, data_dir=str(tmp_path / "data"))
+    # Topic analysis off: a background generation after each reply would race the tests that read a
+    # topic's last event or the engine's state; tests/test_e2e_analysis.py turns it on.
+    return Settings(nats_url=nats_url, data_dir=str(tmp_path / "data"), analysis=False)
 
 
 @contextlib.asynccontextmanager

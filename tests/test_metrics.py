@@ -95,7 +95,8 @@ def only_counts(moved: dict) -> dict:
 def settings(tmp_path: Path, nats_url: str):
     from bus.config import Settings
 
-    return Settings(nats_url=nats_url, data_dir=str(tmp_path / "data"), metrics="127.0.0.1:0", web="off")
+    return Settings(nats_url=nats_url, data_dir=str(tmp_path / "data"), metrics="127.0.0.1:0", web="off",
+                    analysis=False)  # a background analysis would move counters this test pins exactly
 
 
 @pytest.mark.model
@@ -222,6 +223,17 @@ def test_settings_metrics_from_environment():
     assert load_settings({}, environ={}).metrics_address is None
     with pytest.raises(LamaError):
         load_settings({"metrics": "nonsense"}, environ={})
+
+
+def test_topic_analyses_are_counted_by_model_and_outcome():
+    metrics = ServiceMetrics()
+    for outcome in ("completed", "completed", "preempted", "invalid"):
+        metrics.topic_analysis("m1", outcome)
+    samples = parse(metrics.exposition()[0].decode())
+    assert value(samples, "lamabus_topic_analyses_total", model="m1", outcome="completed") == 2
+    assert value(samples, "lamabus_topic_analyses_total", model="m1", outcome="preempted") == 1
+    assert value(samples, "lamabus_topic_analyses_total", model="m1", outcome="invalid") == 1
+    assert value(samples, "lamabus_topic_analyses_total", model="m1", outcome="failed") == 0
 
 
 # ---------------------------------------------------------------------------- the recorder alone

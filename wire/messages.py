@@ -129,6 +129,31 @@ class MessageRejected(_Wire, tag="message.rejected"):
     message_id: str | None = None
 
 
+class TopicAnalysed(_Wire, tag="topic.analysed"):
+    """What the topic is about, as its model saw it after reply ``basedOnMessageId`` (issue 13 part 2).
+
+    Made in the background, at low priority, after a topic's first reply and every
+    ``analysis_every`` replies after; also kept in the registry (``topics.get``'s ``analysis``)."""
+
+    topic: str
+    based_on_message_id: str
+    """The last reply the analysis read (the conversation up to it)."""
+    model_id: str
+    title: str
+    """At most 60 characters."""
+    keywords: list[str]
+    """3 to 7."""
+    summary: str
+    """At most two sentences."""
+    language: str
+    """A BCP 47 tag (``en``, ``de-CH``, ...)."""
+    reply_count: int
+    """Replies in the topic when it was made."""
+    analysed_at: int
+    """Epoch milliseconds."""
+    node_id: str | None = None
+
+
 class GenerationCancel(_Wire, tag="generation.cancel"):
     """Request on ``.cancel``: stop ``requestId``, or whatever runs in the topic."""
 
@@ -150,6 +175,7 @@ TopicEvent = Union[
     GenerationFailed,
     GenerationCancelled,
     MessageRejected,
+    TopicAnalysed,
 ]
 
 _topic_decoder = msgspec.json.Decoder(TopicEvent)

@@ -88,6 +88,20 @@ class LLM(msgspec.Struct, frozen=True, rename="camel"):
         return ModelParams(**{f: getattr(self, f) for f in LOAD_FIELDS})
 
 
+class TopicAnalysis(msgspec.Struct, frozen=True, rename="camel"):
+    """The latest ``topic.analysed`` of a topic, as ``topics.get/list`` return it (``analysis``)."""
+
+    title: str
+    keywords: tuple[str, ...]
+    summary: str
+    language: str
+    based_on_message_id: str
+    model_id: str
+    reply_count: int
+    analysed_at: int
+    """Epoch milliseconds."""
+
+
 class TopicInfo(msgspec.Struct, frozen=True, rename="camel"):
     """A topic as ``lama.api.topics.get/list`` return it: the room plus who answers there now."""
 
@@ -105,6 +119,10 @@ class TopicInfo(msgspec.Struct, frozen=True, rename="camel"):
     version: int
     system_prompt: str | None = None
     """The topic's own system prompt (null: the model's, else the service default)."""
+    analysis: TopicAnalysis | None = None
+    """What the topic is about (title, keywords, summary, language); null until its first analysis."""
+    analysis_enabled: bool = True
+    """False: this topic is never analysed (the service-wide switch is the ``analysis`` setting)."""
 
 
 class CatalogEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
