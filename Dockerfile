@@ -12,6 +12,7 @@ COPY install.sh pyproject.toml requirements-llama.txt README.md ./
 COPY wire wire
 COPY bus bus
 COPY handlers handlers
+COPY domain domain
 COPY storage storage
 COPY engine engine
 RUN LAMABUS_VENV=/opt/lamabus LAMABUS_EXTRAS= LAMABUS_EDITABLE=0 PYTHON=python3.11 ./install.sh

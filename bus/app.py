@@ -31,6 +31,7 @@ from bus.api import Api
 from bus.service import error_reply, start_service
 from bus.subjects import Subjects
 from bus.web import WebServer, embedded_websocket_port, web_server_for
+from domain.mapper import follow
 from engine.runtime import Engine
 from handlers.assistant import Assistant, AssistantSettings
 from handlers.catalog import bundled_model_path
@@ -222,13 +223,13 @@ class LamabusService:
         assert self.registry is not None and self.nc is not None
         store = self.registry.store
         after = await store.last_position()
-        async for stored in store.follow(after):
+        async for recorded in follow(store, after):
             # Another process's write reaches the registry's view here (ours are in it already).
             await self.registry.refresh()
             try:
-                await self.nc.publish(self.subjects.registry_evt(stored.stream_id), encode(stored))
+                await self.nc.publish(self.subjects.registry_evt(recorded.stream_id), encode(recorded))
             except Exception:
-                log.warning("could not publish registry event %s", stored.position, exc_info=True)
+                log.warning("could not publish registry event %s", recorded.position, exc_info=True)
 
     def _assistant_stats(self) -> dict[str, Any] | None:
         if self.assistant is None:

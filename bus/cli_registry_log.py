@@ -17,6 +17,7 @@ import msgspec
 
 from bus.cli_output import console, ms_text, print_json, table
 from bus.config import Settings
+from domain.mapper import RecordedEvent, follow, iter_all, read_all
 from wire.api import DiagnosticsGet
 from wire.errors import ErrorCode, LamaError
 
@@ -36,7 +37,7 @@ async def _open_store(settings: Settings, poll_interval: float = 1.0) -> Any:
         await store.close()
 
 
-def _event_json(stored: Any) -> dict[str, Any]:
+def _event_json(stored: RecordedEvent) -> dict[str, Any]:
     event = msgspec.to_builtins(stored.event)
     return {"position": stored.position, "streamId": stored.stream_id, "version": stored.version,
             "eventId": stored.event_id, "recordedAt": stored.recorded_at, "type": event.pop("type", stored.type),
@@ -63,12 +64,12 @@ async def events(args: argparse.Namespace, settings: Settings) -> int:
     after = max(0, args.from_position - 1)
     async with _open_store(settings, poll_interval=args.poll) as store:
         if args.follow:
-            async for stored in store.follow(after):
-                e = _event_json(stored)
+            async for recorded in follow(store, after):
+                e = _event_json(recorded)
                 sys.stdout.write((json.dumps(e, sort_keys=True) if args.json else _event_line(e)) + "\n")
                 sys.stdout.flush()
             return 0
-        events = [_event_json(s) for s in await store.read_all(after, args.limit)]
+        events = [_event_json(r) for r in await read_all(store, after, args.limit)]
     if args.json:
         for e in events:
             sys.stdout.write(json.dumps(e, sort_keys=True) + "\n")
@@ -141,24 +142,21 @@ async def _service_snapshot(settings: Settings, timeout: float) -> _Snapshot | N
 
 
 async def _rebuilt_snapshot(settings: Settings, up_to: int | None) -> tuple[_Snapshot, float]:
-    from handlers.registry import Registry
-    from storage.projections import Projections
+    from domain.projections import Projections
 
     async with _open_store(settings) as store:
         started = time.perf_counter()
         view = Projections()
-        async for stored in store.iter_all(0):
-            if up_to is not None and stored.position > up_to:
+        async for recorded in iter_all(store, 0):
+            if up_to is not None and recorded.position > up_to:
                 break
-            view.apply(stored)
+            view.apply(recorded)
         seconds = time.perf_counter() - started
-        registry = Registry(store)
-        registry.view = view  # topic_info reads the active model from this view
         return _Snapshot(
             position=view.position, events=view.event_count, models=len(view.models),
             live_models=len(view.live_models()), topics=len(view.topics), active_model_id=view.active_model_id,
             model_records=sorted(view.models.values(), key=lambda m: m.id),
-            topic_records=sorted((registry.topic_info(r) for r in view.topics.values()), key=lambda t: t.id),
+            topic_records=sorted((view.topic_info(r) for r in view.topics.values()), key=lambda t: t.id),
         ), seconds
 
 

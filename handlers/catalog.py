@@ -31,7 +31,7 @@ from typing import Any
 from handlers.model_files import ProgressCallback, download
 from handlers.registry import Registry
 from wire.records import CatalogEntry
-from storage.projections import LLM
+from domain.projections import LLM
 from wire.errors import ErrorCode, LamaError
 from wire.identity import slugify
 from wire.params import GenerationParams, ModelParams

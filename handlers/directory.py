@@ -9,7 +9,7 @@ from datetime import datetime
 from engine.types import ChatTurn, ModelConfig
 from handlers.ports import ModelRef, RecordedReply
 from handlers.registry import Registry, has_values
-from storage.events import TopicReplyPosted
+from domain.events import TopicReplyPosted
 from wire.messages import ChatMessage, GenerationCompleted
 
 

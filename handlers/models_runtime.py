@@ -27,7 +27,7 @@ from anyio.abc import TaskGroup
 from engine.types import ModelConfig
 from handlers.ports import ModelRef
 from handlers.registry import Registry
-from storage.projections import LLM
+from domain.projections import LLM
 from wire.errors import ErrorCode, LamaError
 
 log = logging.getLogger("lamabus.models")

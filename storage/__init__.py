@@ -1,38 +1,27 @@
-"""The registry's storage: an append-only event store on SQLite and the projections built from it.
+"""Where events are kept: an append-only store of opaque ``(type, data)`` events in versioned streams.
 
-Knows nothing of lamabus's bus or of llama. ``storage.store`` holds the
-interface and the in-memory store, ``storage.sqlite`` the durable one,
-``storage.events`` the domain events, ``storage.projections`` the read models
-(the seed's ``LLM`` record, topic rooms, conversations). ``storage.jetstream``
-is the store for several nodes on a NATS cluster: the one module here that
-imports nats-py, and only when asked for.
+Knows nothing of lamabus's domain, bus or llama: what an event means is
+``domain``'s business (``domain.mapper`` encodes and decodes). ``storage.store``
+holds the interface and the in-memory store, ``storage.sqlite`` the durable
+single-node one, ``storage.jetstream`` the one for several nodes on a NATS
+cluster: the one module here that imports nats-py, and only when asked for.
+``tests/test_store.py`` is the contract every backend passes.
 """
 
-from storage.events import AnyEvent, DomainEvent, model_stream, topic_stream
-from storage.projections import LLM, Projections, RegistryState, TopicRoom, Turn
 from storage.sqlite import SqliteEventStore
 from storage.store import ANY, NO_STREAM, AppendRequest, AppendResult, EventStore, MemoryEventStore, NewEvent, StoredEvent
 
 __all__ = [
     "ANY",
-    "AnyEvent",
     "AppendRequest",
     "AppendResult",
-    "DomainEvent",
     "EventStore",
     "JetStreamEventStore",
-    "LLM",
     "MemoryEventStore",
     "NO_STREAM",
     "NewEvent",
-    "Projections",
-    "RegistryState",
     "SqliteEventStore",
     "StoredEvent",
-    "TopicRoom",
-    "Turn",
-    "model_stream",
-    "topic_stream",
 ]
 
 

@@ -65,12 +65,9 @@ from storage.store import (
     EventStore,
     StoredEvent,
     _Prepared,
-    _Row,
-    _decode,
     check_duplicates,
-    conflict,
 )
-from wire.errors import ErrorCode, LamaError
+from wire.errors import ErrorCode, LamaError, stream_conflict
 
 REGISTRY_STREAM = "LAMA_REGISTRY"
 MAX_BATCH = 1000  # the server's limit on messages per atomic batch (ADR-50)
@@ -136,10 +133,10 @@ class JetStreamEventStore(EventStore):
         self.request_timeout = request_timeout
         self.heartbeat = heartbeat
         self._subject_head = f"{prefix}.registry.log."
-        self._rows: list[_Row] = []
+        self._rows: list[StoredEvent] = []
         self._base = 0  # position of the first row minus one (a stream purged before we denied purges)
-        self._by_id: dict[str, _Row] = {}
-        self._streams: dict[str, list[_Row]] = {}
+        self._by_id: dict[str, StoredEvent] = {}
+        self._streams: dict[str, list[StoredEvent]] = {}
         self._write_lock = anyio.Lock()
         self._feed_task: asyncio.Task[None] | None = None
         self._feed_error: BaseException | None = None
@@ -358,7 +355,7 @@ class JetStreamEventStore(EventStore):
         stream = self._streams.setdefault(stream_id, [])
         # The fence makes the count of earlier messages on the subject the version we wrote in the header;
         # the count is what the log itself says, so it wins should a foreign writer have skipped the fence.
-        row = _Row(seq, stream_id, len(stream) + 1, headers.get(H_EVENT_ID) or f"nats-seq-{seq}",
+        row = StoredEvent(seq, stream_id, len(stream) + 1, headers.get(H_EVENT_ID) or f"nats-seq-{seq}",
                    headers.get(H_TYPE, ""), msg.data, ts_ns // 1_000_000)
         self._rows.append(row)
         stream.append(row)
@@ -408,7 +405,7 @@ class JetStreamEventStore(EventStore):
                 for p in prepared:
                     actual = len(self._streams.get(p.stream_id, ()))
                     if p.expected_version is not None and p.expected_version != actual:
-                        raise conflict(p.stream_id, p.expected_version, actual)
+                        raise stream_conflict(p.stream_id, p.expected_version, actual)
                 sent_after = self._applied
                 # Versions as of now: the feed may apply our own batch before its ack reaches us.
                 base = {p.stream_id: len(self._streams.get(p.stream_id, ())) for p in prepared}
@@ -492,13 +489,13 @@ class JetStreamEventStore(EventStore):
     async def _read_stream(self, stream_id: str, from_version: int) -> list[StoredEvent]:
         await self._sync()
         rows = self._streams.get(stream_id, [])
-        return [_decode(r) for r in rows[max(from_version, 1) - 1:]]
+        return rows[max(from_version, 1) - 1:]
 
     async def _read_all(self, after: int, limit: int | None) -> list[StoredEvent]:
         await self._sync()
         start = max(after - self._base, 0)
         rows = self._rows[start:] if limit is None else self._rows[start:start + limit]
-        return [_decode(r) for r in rows]
+        return list(rows)
 
     async def _last_position(self) -> int:
         await self._sync()

@@ -32,13 +32,10 @@ from storage.store import (
     EventStore,
     StoredEvent,
     _Prepared,
-    _Row,
-    _decode,
     check_duplicates,
-    conflict,
     now_ms,
 )
-from wire.errors import ErrorCode, LamaError
+from wire.errors import ErrorCode, LamaError, stream_conflict
 
 # Each entry moves the schema from version i to i+1. Never edit a released entry: append one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -189,7 +186,7 @@ class SqliteEventStore(EventStore):
         for p in prepared:
             actual[p.stream_id] = await self._version_on(db, p.stream_id)
             if p.expected_version is not None and p.expected_version != actual[p.stream_id]:
-                raise conflict(p.stream_id, p.expected_version, actual[p.stream_id])
+                raise stream_conflict(p.stream_id, p.expected_version, actual[p.stream_id])
         at = now_ms()
         results = []
         for p in prepared:
@@ -226,7 +223,7 @@ class SqliteEventStore(EventStore):
         async with self._read_lock:
             async with self._db(self._reader).execute(sql, params) as cur:
                 rows = await cur.fetchall()
-        return [_decode(_Row(*r)) for r in rows]
+        return [StoredEvent(*r) for r in rows]
 
     async def _read_stream(self, stream_id: str, from_version: int) -> list[StoredEvent]:
         return await self._select(

@@ -1,5 +1,12 @@
 """The event store interface, and the in-memory store that shares its test suite with SQLite.
 
+The store records opaque events: a ``type`` string and ``data`` bytes in a
+versioned stream. It never decodes them; what the types mean, how they are
+encoded and how they fold into state is the domain's business
+(``domain.mapper`` turns domain events into :class:`NewEvent` and
+:class:`StoredEvent` back into domain events), as eventsourcing keeps its
+recorders ignorant of the aggregates.
+
 Semantics every implementation keeps (``tests/test_store.py`` checks both):
 
 * A stream's versions are 1, 2, 3, ... with no gaps; ``(stream_id, version)``
@@ -29,13 +36,13 @@ from types import TracebackType
 import anyio
 import msgspec
 
-from storage.events import DomainEvent, decode_event, encode_event, event_type
-from wire.errors import ErrorCode, LamaError
+from wire.errors import ErrorCode, LamaError, stream_conflict
 
 NO_STREAM = 0
 ANY: None = None
 
 MAX_STREAM_ID = 200
+MAX_TYPE = 200
 
 
 def new_event_id() -> str:
@@ -43,15 +50,16 @@ def new_event_id() -> str:
 
 
 class NewEvent(msgspec.Struct, frozen=True):
-    """An event to append, with the id that makes retrying it idempotent."""
+    """An event to append: its type, its encoded data, and the id that makes retrying it idempotent."""
 
-    event: DomainEvent
+    type: str
+    data: bytes
     event_id: str = msgspec.field(default_factory=new_event_id)
 
 
 class AppendRequest(msgspec.Struct, frozen=True):
     stream_id: str
-    events: Sequence[NewEvent | DomainEvent]
+    events: Sequence[NewEvent]
     expected_version: int | None = ANY
 
 
@@ -65,17 +73,16 @@ class AppendResult(msgspec.Struct, frozen=True):
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
+    """An event as recorded: where it sits in the log, and its type and data exactly as appended."""
+
     position: int
     stream_id: str
     version: int
     event_id: str
-    event: DomainEvent
+    type: str
+    data: bytes
     recorded_at: int
-    """Epoch milliseconds of the commit (store metadata; projections use ``event.at``)."""
-
-    @property
-    def type(self) -> str:
-        return event_type(self.event)
+    """Epoch milliseconds of the commit (store metadata; the domain keeps its own times)."""
 
 
 def now_ms() -> int:
@@ -108,29 +115,21 @@ def prepare(requests: Sequence[AppendRequest]) -> list[_Prepared]:
         if not req.events:
             raise LamaError(ErrorCode.BAD_REQUEST, f"no events for stream {sid}", stream_id=sid)
         items = []
-        for ev in req.events:
-            new = ev if isinstance(ev, NewEvent) else NewEvent(ev)
-            if not isinstance(new.event, DomainEvent):
-                raise LamaError(ErrorCode.BAD_REQUEST, f"not a domain event: {type(new.event).__name__}")
-            if not new.event_id or new.event_id in seen_ids:
+        for new in req.events:
+            if not isinstance(new, NewEvent):
+                raise LamaError(ErrorCode.BAD_REQUEST, f"not a NewEvent: {type(new).__name__}", stream_id=sid)
+            if not isinstance(new.type, str) or not new.type or len(new.type) > MAX_TYPE:
+                raise LamaError(ErrorCode.BAD_REQUEST, f"invalid event type {new.type!r}", stream_id=sid)
+            if not isinstance(new.data, bytes):
+                raise LamaError(ErrorCode.BAD_REQUEST, f"event data must be bytes, not {type(new.data).__name__}",
+                                stream_id=sid)
+            if not isinstance(new.event_id, str) or not new.event_id or new.event_id in seen_ids:
                 raise LamaError(ErrorCode.BAD_REQUEST, f"duplicate or empty event id {new.event_id!r} in one append",
                                 event_id=new.event_id)
             seen_ids.add(new.event_id)
-            data = encode_event(new.event)
-            # Structs are not validated when built in Python; a value the decoder rejects
-            # (a temperature of 9, a NaN) would make the log unreadable, so check before storing.
-            decode_event(data)
-            items.append((new.event_id, event_type(new.event), data))
+            items.append((new.event_id, new.type, new.data))
         out.append(_Prepared(sid, req.expected_version, tuple(items)))
     return out
-
-
-def conflict(stream_id: str, expected: int | None, actual: int) -> LamaError:
-    return LamaError(
-        ErrorCode.CONFLICT,
-        f"stream {stream_id} is at version {actual}, expected {expected}",
-        stream_id=stream_id, expected=expected, actual=actual,
-    )
 
 
 def check_duplicates(
@@ -164,7 +163,7 @@ def check_duplicates(
 
 
 class EventStore(abc.ABC):
-    """An append-only log of domain events in versioned streams with one global order."""
+    """An append-only log of opaque events in versioned streams with one global order."""
 
     def __init__(self, *, poll_interval: float = 1.0) -> None:
         # Polling only matters for commits made by another process; ours notify directly.
@@ -209,7 +208,7 @@ class EventStore(abc.ABC):
 
     # -- writing
 
-    async def append(self, stream_id: str, events: Sequence[NewEvent | DomainEvent],
+    async def append(self, stream_id: str, events: Sequence[NewEvent],
                      expected_version: int | None = ANY) -> AppendResult:
         (result,) = await self.append_batch([AppendRequest(stream_id, events, expected_version)])
         return result
@@ -292,34 +291,14 @@ class EventStore(abc.ABC):
         pass
 
 
-class _Row(msgspec.Struct, frozen=True):
-    position: int
-    stream_id: str
-    version: int
-    event_id: str
-    type: str
-    data: bytes
-    recorded_at: int
-
-
-def _decode(row: _Row) -> StoredEvent:
-    try:
-        event = decode_event(row.data)
-    except LamaError as exc:
-        # Our own log, written through the same codec: unreadable means damaged or written by a newer lamabus.
-        raise LamaError(ErrorCode.INTERNAL, f"stored event at position {row.position} ({row.stream_id} "
-                        f"v{row.version}) cannot be read: {exc.message}", position=row.position) from None
-    return StoredEvent(row.position, row.stream_id, row.version, row.event_id, event, row.recorded_at)
-
-
 class MemoryEventStore(EventStore):
-    """The same contract in a list; events go through the codec so both stores return equal values."""
+    """The same contract in a list."""
 
     def __init__(self, *, poll_interval: float = 1.0) -> None:
         super().__init__(poll_interval=poll_interval)
-        self._rows: list[_Row] = []
-        self._by_id: dict[str, _Row] = {}
-        self._streams: dict[str, list[_Row]] = {}
+        self._rows: list[StoredEvent] = []
+        self._by_id: dict[str, StoredEvent] = {}
+        self._streams: dict[str, list[StoredEvent]] = {}
 
     async def _append(self, prepared: list[_Prepared]) -> list[AppendResult]:
         # No awaits in here: on one event loop this whole block is atomic.
@@ -333,14 +312,14 @@ class MemoryEventStore(EventStore):
         for p in prepared:
             actual = len(self._streams.get(p.stream_id, ()))
             if p.expected_version is not None and p.expected_version != actual:
-                raise conflict(p.stream_id, p.expected_version, actual)
+                raise stream_conflict(p.stream_id, p.expected_version, actual)
         results = []
         at = now_ms()
         for p in prepared:
             stream = self._streams.setdefault(p.stream_id, [])
             positions = []
             for event_id, etype, data in p.items:
-                row = _Row(len(self._rows) + 1, p.stream_id, len(stream) + 1, event_id, etype, data, at)
+                row = StoredEvent(len(self._rows) + 1, p.stream_id, len(stream) + 1, event_id, etype, data, at)
                 self._rows.append(row)
                 stream.append(row)
                 self._by_id[event_id] = row
@@ -350,13 +329,13 @@ class MemoryEventStore(EventStore):
 
     async def _read_stream(self, stream_id: str, from_version: int) -> list[StoredEvent]:
         rows = self._streams.get(stream_id, [])
-        return [_decode(r) for r in rows[max(from_version, 1) - 1:]]
+        return rows[max(from_version, 1) - 1:]
 
     async def _read_all(self, after: int, limit: int | None) -> list[StoredEvent]:
         rows = self._rows[max(after, 0):]
         if limit is not None:
             rows = rows[:limit]
-        return [_decode(r) for r in rows]
+        return list(rows)
 
     async def _last_position(self) -> int:
         return len(self._rows)

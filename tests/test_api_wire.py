@@ -7,7 +7,7 @@ import pytest
 
 from handlers.catalog import KNOWN_MODELS, CatalogEntry
 from handlers.registry import TopicInfo
-from storage.projections import LLM
+from domain.projections import LLM
 from wire.api import (
     CatalogModel,
     LlmGenerate,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from bus.app import _cancel_decoder
 from engine import protocol
-from storage.events import decode_event as decode_stored_event
+from domain.events import decode_event as decode_stored_event
 from wire.api import ENDPOINTS
 from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError

@@ -8,7 +8,7 @@ from engine.types import ChatTurn
 from handlers.assistant import Assistant
 from handlers.directory import RegistryDirectory
 from handlers.registry import Registry
-from storage.projections import Projections
+from domain.projections import Projections
 from tests.test_assistant_unit import FakeDelivery, FakePublisher, FakeRuntime
 from tests.test_registry import Clock, chat, reply_for, write_gguf
 

@@ -12,10 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handlers.registry import Registry
-from storage.events import ModelActivated, ModelImported, ModelUsed, TopicMessageSeen
-from storage.projections import Projections, iso_ms
+from domain.events import ModelActivated, ModelImported, ModelUsed, TopicMessageSeen
+from domain.mapper import RecordedEvent, read_all
+from domain.projections import Projections, iso_ms
 from storage.sqlite import SqliteEventStore
-from storage.store import EventStore, MemoryEventStore, StoredEvent
+from storage.store import EventStore, MemoryEventStore
 from tests.test_registry import Clock, chat, reply_for, write_gguf
 from wire.errors import ErrorCode, LamaError
 from wire.params import GenerationParams, ModelParams
@@ -102,13 +103,13 @@ async def exercise(store: EventStore, workdir: Path, cmds: list[tuple]) -> None:
             except LamaError as exc:
                 assert exc.code in EXPECTED_REFUSALS, (cmd, exc)
         incremental = reg.view.state()
-        log = await store.read_all()
+        log = await read_all(store)
         rebuilt = await Projections.rebuild(store, page_size=7)  # small pages: the paging path too
         assert rebuilt.state() == incremental
         check_invariants(reg.view, log)
 
 
-def check_invariants(view: Projections, log: list[StoredEvent]) -> None:
+def check_invariants(view: Projections, log: list[RecordedEvent]) -> None:
     active = [m.id for m in view.models.values() if m.active]
     assert active == ([view.active_model_id] if view.active_model_id else [])
     assert all(not view.models[m].deleted for m in active)
@@ -147,8 +148,8 @@ def test_rebuild_equals_incremental_on_sqlite(cmds):
 # ----------------------------------------------------------------------------- fold details
 
 
-def stored(position: int, stream: str, version: int, event) -> StoredEvent:
-    return StoredEvent(position, stream, version, f"e{position}", event, 0)
+def stored(position: int, stream: str, version: int, event) -> RecordedEvent:
+    return RecordedEvent(position, stream, version, f"e{position}", event, 0)
 
 
 def imported(at: int) -> ModelImported:

@@ -15,8 +15,9 @@ import pytest
 from engine.types import ChatTurn, ModelConfig
 from handlers.directory import RegistryDirectory
 from handlers.registry import BUNDLED_NAME, Registry
-from storage.events import ModelActivated, ModelDeactivated
-from storage.projections import LLM
+from domain.events import ModelActivated, ModelDeactivated
+from domain.mapper import Append, read_all, to_requests
+from domain.projections import LLM
 from storage.store import AppendRequest, MemoryEventStore
 from wire.errors import ErrorCode, LamaError
 from wire.identity import person_id_for
@@ -199,7 +200,7 @@ async def test_exactly_one_active_model_switched_in_one_transaction(registry: Re
     assert (await registry.activate("a")).active
     before = await registry.store.last_position()
     assert (await registry.activate("b")).active
-    switch = await registry.store.read_all(after=before)
+    switch = await read_all(registry.store, before)
     assert [(e.stream_id, type(e.event)) for e in switch] == [("model-a", ModelDeactivated),
                                                                ("model-b", ModelActivated)]
     assert len({e.recorded_at for e in switch}) == 1 and switch[1].position == switch[0].position + 1
@@ -366,7 +367,7 @@ async def test_reply_is_recorded_once_atomically(registry: Registry, models_dir:
     reply, completed = reply_for(msg, a)
     before = await registry.store.last_position()
     assert await registry.record_reply(msg, reply, completed)
-    written = await registry.store.read_all(after=before)
+    written = await read_all(registry.store, before)
     assert [(e.stream_id, e.type) for e in written] == [
         ("topic-room", "topic.message_seen"), ("topic-room", "topic.reply_posted"), ("model-a", "model.used")]
     assert len({e.recorded_at for e in written}) == 1  # one transaction
@@ -443,13 +444,13 @@ async def test_concurrent_activation_is_retried_and_stays_exclusive(tmp_path: Pa
         c = await reg.import_model(write_gguf(models_dir / "c.gguf", salt=3), "C")
         await reg.activate("a")
         # Another writer activates C (deactivating A) just before our switch to B lands.
-        store.race = [AppendRequest("model-a", [ModelDeactivated(at=1)], 2),
-                      AppendRequest("model-c", [ModelActivated(at=1)], c.version)]
+        store.race = to_requests([Append("model-a", [ModelDeactivated(at=1)], 2),
+                                  Append("model-c", [ModelActivated(at=1)], c.version)])
         await reg.activate("b")
         active = [m.id for m in await reg.list_models() if m.active]
         assert active == ["b"]
         # The retry saw C active and deactivated it in the same append.
-        tail = await store.read_all(after=await store.last_position() - 2)
+        tail = await read_all(store, await store.last_position() - 2)
         assert [(e.stream_id, e.type) for e in tail] == [("model-c", "model.deactivated"),
                                                           ("model-b", "model.activated")]
 
@@ -499,7 +500,7 @@ async def test_update_model_changes_parameters_and_prompt_in_one_atomic_append(r
     before = await registry.store.last_position()
     m = await registry.update_model("a", generation=GenerationParams(temperature=0.2), system_prompt="Be terse.",
                                     expected_version=a.version)
-    appended = await registry.store.read_all(after=before)
+    appended = await read_all(registry.store, before)
     assert [(e.stream_id, e.version) for e in appended] == [("model-a", a.version + 1), ("model-a", a.version + 2)]
     assert {e.position for e in appended} == {before + 1, before + 2}
     assert (m.temperature, m.system_prompt, m.version) == (0.2, "Be terse.", a.version + 2)

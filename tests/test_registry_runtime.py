@@ -7,6 +7,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from domain.mapper import read_stream
 from engine.types import ModelConfig
 from handlers.models_runtime import ModelsRuntime
 from handlers.ports import ModelRef
@@ -59,7 +60,7 @@ async def registry(tmp_path: Path):
 
 
 async def unload_reasons(reg: Registry, model_id: str) -> list[str]:
-    return [e.event.reason for e in await reg.store.read_stream(f"model-{model_id}") if e.type == "model.unloaded"]
+    return [e.event.reason for e in await read_stream(reg.store, f"model-{model_id}") if e.type == "model.unloaded"]
 
 
 async def test_load_once_and_record_it(registry: Registry):
@@ -71,7 +72,7 @@ async def test_load_once_and_record_it(registry: Registry):
         assert engine.configs[0].model_path == (await registry.get_model("a")).model_path
         m = await registry.get_model("a")
         assert m.model_loaded and m.last_initialized > 0
-        loaded = [e.event for e in await registry.store.read_stream("model-a") if e.type == "model.loaded"]
+        loaded = [e.event for e in await read_stream(registry.store, "model-a") if e.type == "model.loaded"]
         assert [(e.handle, e.n_ctx) for e in loaded] == [("h1", engine.configs[0].n_ctx)]
         assert rt.loaded_ids() == ["a"]
     # Leaving the context unloads everything and says why.

@@ -9,9 +9,10 @@ import anyio
 import nats
 import pytest
 
-from storage.events import ModelUsed, TopicCreated
+from domain.events import ModelUsed, TopicCreated
+from domain.mapper import Keyed, to_new_event
 from storage.jetstream import JetStreamEventStore
-from storage.store import NO_STREAM, NewEvent
+from storage.store import NO_STREAM
 from tests.cluster import NatsCluster
 from wire.errors import ErrorCode, LamaError
 
@@ -52,7 +53,8 @@ async def test_replicated_store_shares_the_log_and_survives_a_killed_server(clus
             committed: dict[str, int] = {}  # event id -> position the store said it got
 
             async def append(stream_id: str, event_id: str, expected: int | None) -> None:
-                result = await writer.append(stream_id, [NewEvent(ModelUsed(at=len(committed)), event_id)], expected)
+                event = to_new_event(Keyed(ModelUsed(at=len(committed)), event_id))
+                result = await writer.append(stream_id, [event], expected)
                 committed[event_id] = result.positions[0]
 
             # The reader, on another server, follows the writer's commits as they happen.
@@ -75,7 +77,7 @@ async def test_replicated_store_shares_the_log_and_survives_a_killed_server(clus
 
                     # A racing write from the reader's side loses on the expected version, and costs no position.
                     with pytest.raises(LamaError) as exc:
-                        await reader.append("model-a", [TopicCreated(at=0)], 4)
+                        await reader.append("model-a", [to_new_event(TopicCreated(at=0))], 4)
                     assert exc.value.code is ErrorCode.CONFLICT
 
                     # The stream's leader: a new one must be elected from the survivors. The writer's own server:
@@ -113,7 +115,7 @@ async def test_a_store_opened_after_the_writes_reads_them_from_any_server(cluste
         try:
             async with JetStreamEventStore(nc, replicas=3) as store:
                 assert await store.last_position() == first - 1
-                await store.append(f"model-{first}", [ModelUsed(at=first)], NO_STREAM)
+                await store.append(f"model-{first}", [to_new_event(ModelUsed(at=first))], NO_STREAM)
                 assert [e.stream_id for e in await store.read_all()] == [f"model-{i}" for i in range(1, first + 1)]
         finally:
             await nc.close()

@@ -100,3 +100,12 @@ class LamaError(Exception):
 
     def __repr__(self) -> str:
         return f"LamaError({self.code.value!r}, {self.message!r})"
+
+
+def stream_conflict(stream_id: str, expected: int | None, actual: int) -> LamaError:
+    """The optimistic-concurrency refusal: ``stream_id`` moved on from the version the caller decided on."""
+    return LamaError(
+        ErrorCode.CONFLICT,
+        f"stream {stream_id} is at version {actual}, expected {expected}",
+        stream_id=stream_id, expected=expected, actual=actual,
+    )

@@ -1,6 +1,6 @@
 """Read models derived from the event log: the seed's ``LLM`` record, topic rooms, conversations.
 
-:class:`Projections` is a pure fold over :class:`~storage.store.StoredEvent`:
+:class:`Projections` is a pure fold over :class:`~domain.mapper.RecordedEvent`:
 ``apply`` never looks at a clock, a file or another service, so rebuilding it
 from the log gives exactly the state that was kept incrementally
 (``tests/test_projections.py`` checks that with random command sequences).
@@ -9,12 +9,13 @@ from the log gives exactly the state that was kept incrementally
 from __future__ import annotations
 
 import collections
+from typing import TYPE_CHECKING
 from datetime import UTC, datetime
 
 import msgspec
 from msgspec.structs import replace
 
-from storage.events import (
+from domain.events import (
     MODEL_STREAM_PREFIX,
     TOPIC_STREAM_PREFIX,
     DomainEvent,
@@ -34,12 +35,19 @@ from storage.events import (
     TopicSystemPromptSet,
     TopicReplyPosted,
 )
-from storage.store import EventStore, StoredEvent
+from domain.mapper import RecordedEvent, iter_all
 from wire.errors import ErrorCode, LamaError
 from wire.identity import person_id_for
 from wire.params import GenerationParams, ModelParams
-from wire.records import GENERATION_FIELDS, LLM, LOAD_FIELDS
+from wire.records import GENERATION_FIELDS, LLM, LOAD_FIELDS, TopicInfo
 
+if TYPE_CHECKING:
+    from storage.store import EventStore
+
+
+
+def model_not_found(model_id: str, why: str = "") -> LamaError:
+    return LamaError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} not found{why}", model_id=model_id)
 
 
 def iso_ms(at: int) -> str:
@@ -124,8 +132,8 @@ class Projections:
     async def rebuild(cls, store: EventStore, page_size: int = 5000,
                       history_turns: int = DEFAULT_HISTORY_TURNS) -> "Projections":
         view = cls(history_turns)
-        async for stored in store.iter_all(0, page_size):
-            view.apply(stored)
+        async for recorded in iter_all(store, 0, page_size):
+            view.apply(recorded)
         return view
 
     # -- queries
@@ -149,6 +157,42 @@ class Projections:
     def active_model(self) -> LLM | None:
         return self.models.get(self.active_model_id) if self.active_model_id else None
 
+    def live_model(self, model_id: str) -> LLM:
+        """The model, or ``model_not_found`` if it never existed or was removed."""
+        m = self.models.get(model_id)
+        if m is None:
+            raise model_not_found(model_id)
+        if m.deleted:
+            raise model_not_found(model_id, " (it was removed)")
+        return m
+
+    def model_for(self, topic_id: str, requested: str | None = None) -> LLM:
+        """Who answers in ``topic_id``: the requested model, else the topic's, else the active one."""
+        if requested is not None:
+            return self.live_model(requested)
+        room = self.topics.get(topic_id)
+        if room is not None and room.model_id is not None:
+            m = self.models.get(room.model_id)
+            if m is None or m.deleted:
+                raise model_not_found(room.model_id, f" (topic {topic_id!r} is bound to it; bind another model)")
+            return m
+        active = self.active_model()
+        if active is None:
+            raise LamaError(ErrorCode.MODEL_NOT_FOUND, "no active model: import or pull one and activate it",
+                            topic=topic_id)
+        return active
+
+    def topic_info(self, room: TopicRoom) -> TopicInfo:
+        """The wire record of a room, with the model that answers there resolved."""
+        model_id = room.model_id or self.active_model_id
+        model = self.models.get(model_id) if model_id else None
+        return TopicInfo(
+            id=room.id, name=room.name, bound_model_id=room.model_id, model_id=model_id,
+            person_id=model.person_id if model else None, created_by=room.created_by, created=room.created,
+            modified=room.modified, message_count=room.message_count, reply_count=room.reply_count,
+            version=room.version, system_prompt=room.system_prompt,
+        )
+
     def has_seen(self, topic: str, message_id: str) -> bool:
         return message_id in self.seen.get(topic, ())
 
@@ -169,7 +213,7 @@ class Projections:
 
     # -- the fold
 
-    def apply(self, stored: StoredEvent) -> None:
+    def apply(self, stored: RecordedEvent) -> None:
         if stored.position <= self.position:
             raise LamaError(
                 ErrorCode.INTERNAL,
