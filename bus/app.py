@@ -24,6 +24,7 @@ from bus.config import Settings
 from bus.connection import connect, wait_until_deaf
 from bus.embedded import EmbeddedNatsServer
 from bus.intake import StreamLimits, TopicIntake
+from bus.lane_order import LaneOrder, OrderedDirectory, RetryingPublisher, retry_budget
 from bus.listen import port_free
 from bus.metrics import MetricsServer, metrics_for
 from bus.publisher import NatsPublisher
@@ -68,6 +69,7 @@ class LamabusService:
         self.engine: Engine | None = None
         self.models: ModelsRuntime | None = None
         self.assistant: Assistant | None = None
+        self.lane_order: LaneOrder | None = None
         self.intake: TopicIntake | None = None
         self.web: WebServer | None = None  # the chat page
         self.api: Api | None = None
@@ -130,22 +132,28 @@ class LamabusService:
         self.models = await stack.enter_async_context(
             ModelsRuntime(self.registry, self.engine, max_loaded=s.max_loaded_models, keep_alive=s.keep_alive,
                           on_load=self.metrics.model_load if self.metrics else None))
-        publisher = NatsPublisher(self.nc, js, self.subjects)
+        # A failed publish is retried before its message is handed back, and a topic whose message was
+        # handed back waits for it (bus/lane_order.py): replies stay in order through a leader election.
+        publisher = RetryingPublisher(NatsPublisher(self.nc, js, self.subjects), budget=retry_budget(s.ack_wait))
         publisher = self.metrics.publisher(publisher) if self.metrics else publisher
+        order = self.lane_order = LaneOrder(max_hold=max(60.0, 10 * s.ack_wait))
+        directory = OrderedDirectory(RegistryDirectory(self.registry), order)
         self.assistant = await stack.enter_async_context(Assistant(
-            RegistryDirectory(self.registry), EngineRuntime(self.models, self.engine), publisher,
+            directory, EngineRuntime(self.models, self.engine), publisher,
             AssistantSettings(max_concurrent_topics=s.max_concurrent_topics, max_queue_per_model=s.max_queue_per_model,
                               on_new_message=s.on_new_message, system_prompt=s.system_prompt,
                               progress_interval=max(1.0, s.ack_wait / 3), node_id=s.node_name),
         ))
         limits = StreamLimits(max_age=s.topics_max_age, max_bytes=s.topics_max_bytes)
+        submit = order.submit(self.assistant.submit, directory)
         if clustered:
-            self.intake = PartitionedIntake(
-                self.nc, self.subjects, self.assistant.submit, node_id=s.node_name, partitions=s.partitions,
+            intake = self.intake = PartitionedIntake(
+                self.nc, self.subjects, submit, node_id=s.node_name, partitions=s.partitions,
                 replicas=replicas, lease_ttl=s.lease_ttl, ack_wait=s.ack_wait, duplicate_window=s.duplicate_window,
-                window=s.intake_window, limits=limits)
+                window=s.intake_window, limits=limits,
+                on_partition_left=lambda _p: order.release(intake.owns_topic))
         else:
-            self.intake = TopicIntake(self.nc, self.subjects, self.assistant.submit, ack_wait=s.ack_wait,
+            self.intake = TopicIntake(self.nc, self.subjects, submit, ack_wait=s.ack_wait,
                                       duplicate_window=s.duplicate_window, window=s.intake_window, limits=limits)
         if self.metrics:
             self.metrics.observe(assistant=self.assistant, engine=self.engine, models=self.models, intake=self.intake)

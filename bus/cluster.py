@@ -37,7 +37,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 import msgspec
@@ -192,7 +192,8 @@ class PartitionedIntake(TopicIntake):
 
     def __init__(self, nc: Client, subjects: Subjects, submit: Submit, *, node_id: str, partitions: int,
                  replicas: int, lease_ttl: float, ack_wait: float, duplicate_window: float, window: int = 64,
-                 batch: int = 32, limits: StreamLimits | None = None, release_timeout: float = 30.0) -> None:
+                 batch: int = 32, limits: StreamLimits | None = None, release_timeout: float = 30.0,
+                 on_partition_left: Callable[[int], None] = lambda _p: None) -> None:
         super().__init__(nc, subjects, submit, ack_wait=ack_wait, duplicate_window=duplicate_window, window=window,
                          batch=batch, limits=limits)
         self.node_id = node_id
@@ -201,6 +202,8 @@ class PartitionedIntake(TopicIntake):
         self.lease_ttl = lease_ttl
         self.tick = max(0.2, lease_ttl / 5)
         self.release_timeout = release_timeout
+        #: Told when this node stops pulling from a partition (given back, or lost).
+        self.on_partition_left = on_partition_left
         self.stream = work_stream_name(subjects)
         self.members: set[str] = {node_id}
         self.takeovers = 0
@@ -354,6 +357,7 @@ class PartitionedIntake(TopicIntake):
             del self._held[p]
         if held.scope is not None:
             held.scope.cancel()
+        self.on_partition_left(p)
 
     async def _release(self, p: int, held: _Held) -> None:
         """Give partition ``p`` to the node that now wants it: stop pulling, finish what we hold, delete the lease."""
@@ -366,6 +370,7 @@ class PartitionedIntake(TopicIntake):
         assert self._kv is not None
         if self._held.get(p) is held:
             del self._held[p]  # renewed no more
+        self.on_partition_left(p)
         for _ in range(3):  # a renewal in flight may have moved the revision on
             try:
                 await self._kv.delete(f"part.{p}", last=held.revision)
