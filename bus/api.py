@@ -8,28 +8,46 @@ error reply. Long handlers (pull, import, load, the ``llm`` calls) are
 ``llm.*`` is the seed's native-module API (initialize / generate /
 generateStream / release) over the bus; its sessions live in
 handlers/llm_sessions.py, and this module only publishes a stream's chunks.
+
+Several nodes serve this API in one queue group, and each serves it again on
+its own subjects, ``<prefix>.api.node.<nodeId>.*`` (bus/service.serve_node).
+A handle names its node (``<nodeId>:<opaque>``): a request on it that reaches
+another node through the queue group is handed to the handle's node over the
+bus; if that node is gone, the answer is ``not_found`` naming it. ``llm.cancel``
+names only a request id: a node that is not running it asks the other live
+nodes. ``models.load``/``unload``, ``diagnostics`` and ``metrics`` concern the
+node that answers, and say which node that is; ask a given node on its subjects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 import anyio
+import msgspec
 
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
+from bus.client import raise_for_error
 from bus.service import ERROR_COUNTS, Endpoint
+from bus.subjects import Subjects
 from engine.runtime import Engine
 from handlers.catalog import list_catalog, pull
-from handlers.llm_sessions import LlmSessions
+from handlers.llm_sessions import LlmSessions, node_of_handle
 from handlers.models_runtime import ModelsRuntime
 from handlers.model_files import ProgressCallback
 from handlers.registry import Registry
 from wire.api import (
     ENDPOINTS,
     ApiDiagnostics,
+    ApiRequest,
+    endpoint_for,
     CatalogList,
     CatalogReply,
     LlmCancel,
@@ -70,6 +88,7 @@ from wire.api import (
     TopicReply,
     ServiceDiagnostics,
 )
+from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError
 from wire.messages import encode
 
@@ -79,6 +98,9 @@ class MetricsSource(Protocol):
 
 PROGRESS_INTERVAL = 0.1
 """Seconds between two progress events of one pull/import (the last one is always sent)."""
+
+FORWARD_TIMEOUT = 900.0
+"""Seconds a request handed to another node (on a handle it holds) may take: a whole generation."""
 
 
 def _bad(message: str, field: str, **details: Any) -> LamaError:
@@ -94,7 +116,10 @@ class Api:
 
     def __init__(self, *, registry: Registry, models: ModelsRuntime, engine: Engine, nc: Client, prefix: str,
                  service_diagnostics: Callable[[], Awaitable[ServiceDiagnostics]],
-                 metrics: MetricsSource | None = None) -> None:
+                 metrics: MetricsSource | None = None, node_id: str | None = None,
+                 nodes: Callable[[], Iterable[str]] = lambda: (), local: bool = False) -> None:
+        """``node_id``: this node (handles carry it); ``nodes``: the live nodes of the cluster, as this node
+        sees them; ``local``: the table of this node's own subjects, which never hands a request on."""
         self.registry = registry
         self.models = models
         self.engine = engine
@@ -102,7 +127,17 @@ class Api:
         self.prefix = prefix
         self.service_diagnostics = service_diagnostics
         self.metrics_source = metrics
-        self.llm = LlmSessions(registry, engine)
+        self.node_id = node_id
+        self.nodes = nodes
+        self.local = local
+        self.llm = LlmSessions(registry, engine, node_id=node_id)
+        self._subjects = Subjects(prefix)
+
+    def on_own_subjects(self) -> "Api":
+        """The same handlers and state, for ``<prefix>.api.node.<nodeId>.*``: answers, never hands on."""
+        twin = copy.copy(self)
+        twin.local = True
+        return twin
 
     # ------------------------------------------------------------------ plumbing
 
@@ -141,6 +176,29 @@ class Api:
 
         return callback
 
+    # ------------------------------------------------------------------ routing to a node
+
+    def _elsewhere(self, handle: str) -> str | None:
+        """The node that holds ``handle`` when it is another node and this table may hand requests on."""
+        node = node_of_handle(handle)
+        return node if node is not None and node != self.node_id and not self.local else None
+
+    async def _forward(self, node: str, request: ApiRequest[Any], reply_type: type[Any],
+                       timeout: float = FORWARD_TIMEOUT) -> Any:
+        """Ask ``node`` on its own subjects; its coded error is raised here as it came."""
+        spec = endpoint_for(request)
+        subject = spec.subject(self._subjects.node_api(node))
+        try:
+            reply = await self.nc.request(subject, encode(request), timeout=timeout)
+        except NoRespondersError:
+            raise LamaError(ErrorCode.NOT_FOUND, f"node {node} is not serving (it stopped, or is not a node of "
+                            "this service); what it held is gone with it", node=node) from None
+        except NatsTimeoutError:
+            raise LamaError(ErrorCode.TIMEOUT, f"node {node} did not answer {spec.name} within {timeout:g}s",
+                            node=node) from None
+        raise_for_error(reply)
+        return decode_untrusted(_decoder(reply_type), reply.data)
+
     # ------------------------------------------------------------------ models
 
     async def models_list(self, req: ModelsList) -> ModelListReply:
@@ -175,12 +233,12 @@ class Api:
 
     async def models_load(self, req: ModelLoad) -> ModelLoadReply:
         loaded = await self.models.load(req.model_id)
-        return ModelLoadReply(model_id=loaded.model_id, loaded=self._loaded())
+        return ModelLoadReply(model_id=loaded.model_id, loaded=self._loaded(), node=self.node_id)
 
     async def models_unload(self, req: ModelUnload) -> ModelUnloadReply:
         await self.registry.get_model(req.model_id)  # model_not_found for an id never registered
         was_loaded = await self.models.unload(req.model_id)
-        return ModelUnloadReply(model_id=req.model_id, was_loaded=was_loaded, loaded=self._loaded())
+        return ModelUnloadReply(model_id=req.model_id, was_loaded=was_loaded, loaded=self._loaded(), node=self.node_id)
 
     # ------------------------------------------------------------------ catalogue
 
@@ -215,9 +273,14 @@ class Api:
         return await self.llm.initialize(req)
 
     async def llm_generate(self, req: LlmGenerate) -> LlmResult:
+        if (node := self._elsewhere(req.handle)) is not None:
+            return await self._forward(node, req, LlmResult)
         return await self.llm.generate(req)
 
     async def llm_generate_stream(self, req: LlmGenerateStream) -> LlmResult:
+        if (node := self._elsewhere(req.handle)) is not None:
+            self._check_subject(req.subject, "$.subject")
+            return await self._forward(node, req, LlmResult)  # that node publishes the chunks to req.subject
         nc = self.nc
         self._check_subject(req.subject, "$.subject")
 
@@ -242,9 +305,20 @@ class Api:
             raise
 
     async def llm_cancel(self, req: LlmCancel) -> LlmCancelReply:
-        return await self.llm.cancel(req)
+        if self.local or req.request_id in self.llm.running:
+            return await self.llm.cancel(req)
+        # A request id does not name its node: the one running it says so; the others say not_found.
+        for node in sorted(set(self.nodes()) - {self.node_id}):
+            try:
+                return await self._forward(node, req, LlmCancelReply, timeout=5.0)
+            except LamaError as exc:
+                if exc.code not in (ErrorCode.NOT_FOUND, ErrorCode.TIMEOUT):
+                    raise
+        return await self.llm.cancel(req)  # not_found, said by this node
 
     async def llm_release(self, req: LlmRelease) -> LlmReleased:
+        if (node := self._elsewhere(req.handle)) is not None:
+            return await self._forward(node, req, LlmReleased)
         return await self.llm.release(req)
 
     # ------------------------------------------------------------------ diagnostics
@@ -261,7 +335,7 @@ class Api:
         if self.metrics_source is None:
             raise LamaError(ErrorCode.NOT_FOUND, "metrics are off on this node (metrics = \"off\")")
         body, content_type = self.metrics_source.exposition()
-        return MetricsReply(content_type=content_type, text=body.decode())
+        return MetricsReply(content_type=content_type, text=body.decode(), node=self.node_id)
 
     # ------------------------------------------------------------------ the table
 
@@ -269,3 +343,8 @@ class Api:
         """wire.api's table, each row bound to its handler: the method named after the endpoint
         (``models.get`` -> ``models_get``)."""
         return [Endpoint.from_spec(spec, getattr(self, spec.name.replace(".", "_"))) for spec in ENDPOINTS]
+
+
+@functools.cache
+def _decoder(reply_type: type) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(reply_type)

@@ -29,7 +29,7 @@ from bus.listen import port_free
 from bus.metrics import MetricsServer, metrics_for
 from bus.publisher import NatsPublisher
 from bus.api import Api
-from bus.service import error_reply, start_service
+from bus.service import error_reply, serve_node, start_service
 from bus.subjects import Subjects
 from bus.web import WebServer, embedded_websocket_port, web_server_for
 from domain.mapper import follow
@@ -164,10 +164,15 @@ class LamabusService:
         cancel_sub = await self.nc.subscribe(self.subjects.all_cancel, cb=self._on_cancel)
         stack.push_async_callback(cancel_sub.unsubscribe)
         self.api = Api(registry=self.registry, models=self.models, engine=self.engine, nc=self.nc, prefix=s.prefix,
-                       service_diagnostics=self.diagnostics, metrics=self.metrics)
+                       service_diagnostics=self.diagnostics, metrics=self.metrics, node_id=s.node_name,
+                       nodes=self._live_nodes)
         # Long endpoints (pull, load, generate) run their requests as tasks in this service's task group.
         service = await start_service(self.nc, self.subjects.api, self.api.endpoints(), task_group=self._tg)
         stack.push_async_callback(service.stop)
+        # The same table on this node's own subjects: requests about its engine (bus/api.py, "routing").
+        node_sub = await serve_node(self.nc, self.subjects.node_api(s.node_name),
+                                    self.api.on_own_subjects().endpoints(), task_group=self._tg)
+        stack.push_async_callback(node_sub.unsubscribe)
         self._tg.start_soon(self._feed_registry_events)
         self._tg.start_soon(self._watch_client)
         if (web := web_server_for(s, self.embedded.ws_url if self.embedded else None)) is not None:
@@ -239,6 +244,9 @@ class LamabusService:
             except Exception:
                 log.warning("could not publish registry event %s", recorded.position, exc_info=True)
 
+    def _live_nodes(self) -> list[str]:
+        return sorted(self.intake.members) if isinstance(self.intake, PartitionedIntake) else []
+
     def _assistant_stats(self) -> dict[str, Any] | None:
         if self.assistant is None:
             return None
@@ -259,6 +267,8 @@ class LamabusService:
             defaults=DEFAULTS,
             assistant=self._assistant_stats(),
             engine=self.engine.diagnostics() if self.engine else None,
+            node=self.settings.node_name,
+            partitions=intake.owned if isinstance(intake, PartitionedIntake) else None,
         )
 
 

@@ -40,8 +40,9 @@ Runner = Callable[[argparse.Namespace, Settings], int]
 
 async def _call(settings: Settings, request: ApiRequest[Any], *, timeout: float,
                 progress: tuple[str, Callable[[str], ApiRequest[Any]]] | None = None,
-                show_progress: bool = True) -> Any:
-    """Call the endpoint of ``request``; ``progress``: (description, the request made for a progress subject)."""
+                show_progress: bool = True, node: str | None = None) -> Any:
+    """Call the endpoint of ``request``; ``progress``: (description, the request made for a progress subject);
+    ``node``: ask that node of a cluster (``--node``), not whichever answers first."""
     import nats.errors
 
     from bus.client import LamabusClient
@@ -51,7 +52,7 @@ async def _call(settings: Settings, request: ApiRequest[Any], *, timeout: float,
     async with LamabusClient.connect(url, prefix=settings.prefix) as client:
         try:
             if progress is None:
-                return await client.call(request, timeout=timeout)
+                return await client.call(request, timeout=timeout, node=node)
             description, make_request = progress
             return await _with_progress(client, description, make_request, timeout, show_progress)
         except nats.errors.NoRespondersError:
@@ -107,7 +108,7 @@ def _api(make: Callable[[argparse.Namespace], ApiRequest[Any]], render: Callable
     def run(args: argparse.Namespace, settings: Settings) -> int:
         wait = args.timeout if args.timeout is not None else timeout
         if progress is None:
-            reply = anyio.run(lambda: _call(settings, make(args), timeout=wait))
+            reply = anyio.run(lambda: _call(settings, make(args), timeout=wait, node=getattr(args, "node", None)))
         else:
             def with_subject(subject: str) -> ApiRequest[Any]:
                 return make(argparse.Namespace(**vars(args), progress_subject=subject))
@@ -195,13 +196,22 @@ def _update_request(args: argparse.Namespace) -> Any:
                        reset=args.reset, expected_version=args.expected_version, system_prompt=prompt)
 
 
+def _on_node(reply: Any) -> str:
+    return f" on node {reply.node}" if reply.node else ""
+
+
 def _render_load(reply: Any) -> None:
-    console().print(f"{reply.model_id} is loaded (loaded now: {', '.join(reply.loaded) or 'none'})")
+    console().print(f"{reply.model_id} is loaded{_on_node(reply)} (loaded now: {', '.join(reply.loaded) or 'none'})")
 
 
 def _render_unload(reply: Any) -> None:
     what = "unloaded" if reply.was_loaded else "was not loaded"
-    console().print(f"{reply.model_id} {what} (loaded now: {', '.join(reply.loaded) or 'none'})")
+    console().print(f"{reply.model_id} {what}{_on_node(reply)} (loaded now: {', '.join(reply.loaded) or 'none'})")
+
+
+def _node_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", metavar="NODE_ID",
+                   help="ask this node of a cluster (each node has its own engine); default: any node")
 
 
 # ---------------------------------------------------------------------------------------- catalogue / topics
@@ -234,7 +244,7 @@ def _render_topic(reply: Any) -> None:
 
 
 def _diagnostics(args: argparse.Namespace, settings: Settings) -> int:
-    print_json(anyio.run(lambda: _call(settings, DiagnosticsGet(), timeout=args.timeout or 30.0)))
+    print_json(anyio.run(lambda: _call(settings, DiagnosticsGet(), timeout=args.timeout or 30.0, node=args.node)))
     return 0
 
 
@@ -316,9 +326,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
         lambda a: ModelLoad(model_id=a.model_id), _render_load, timeout=300.0),
         timeout_help="seconds to wait (default 300)")
     p.add_argument("model_id", metavar="MODEL")
+    _node_flag(p)
     p = leaf(models, "unload", "unload a model now", _api(
         lambda a: ModelUnload(model_id=a.model_id), _render_unload, timeout=120.0))
     p.add_argument("model_id", metavar="MODEL")
+    _node_flag(p)
 
     # -- catalogue
     leaf(sub, "catalog", "models lamabus knows how to get (`lamabus models pull ID`)", _api(
@@ -365,11 +377,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
              lambda a, s: anyio.run(rebuild, a, s), timeout_help="seconds to wait for the service (default 10)")
     p.add_argument("--offline", action="store_true", help="do not ask a running service; only rebuild")
 
-    leaf(sub, "metrics", "this node's Prometheus metrics, the text /metrics serves (lama.api.metrics)", _api(
+    p = leaf(sub, "metrics", "this node's Prometheus metrics, the text /metrics serves (lama.api.metrics)", _api(
         lambda a: MetricsGet(), lambda r: print(r.text, end="")))
+    _node_flag(p)
 
     diag = sub.add_parser("diagnostics", help="what the running service holds and how it is doing (JSON)")
     common(diag)
     diag.add_argument("--timeout", type=float)
+    _node_flag(diag)
     diag.set_defaults(run=_diagnostics)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, TypeVar
@@ -20,6 +21,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
 
 from bus.connection import connect
 from bus.publisher import MSG_ID
@@ -44,6 +46,8 @@ from wire.messages import (
 from wire.params import GenerationParams
 
 R = TypeVar("R")
+#: A node id as Settings.node_id allows it: one subject token, no wildcard.
+_NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 AskItem = GenerationStarted | GenerationToken | GenerationCompleted | GenerationCancelled
 
 _cancel_reply_decoder = msgspec.json.Decoder(CancelReply)
@@ -135,12 +139,24 @@ class LamabusClient:
         raise_for_error(reply)
         return _cancel_reply_decoder.decode(reply.data)
 
-    async def call(self, request: ApiRequest[R], *, timeout: float = 30.0) -> R:
+    async def call(self, request: ApiRequest[R], *, node: str | None = None, timeout: float = 30.0) -> R:
         """Call the endpoint ``request`` belongs to (wire.api's table) and return its typed reply.
 
-        A coded error reply raises :class:`LamaError`; so does a reply that is not the endpoint's type."""
+        ``node``: ask that node (its node id) rather than any node of the service: what concerns one
+        node's engine (``models.load``/``unload``, ``diagnostics``, ``metrics``). A node that is not
+        serving is ``not_found`` naming it. A coded error reply raises :class:`LamaError`; so does a
+        reply that is not the endpoint's type."""
         spec = endpoint_for(request)
-        reply = await self.nc.request(spec.subject(self.subjects.api), encode(request), timeout=timeout)
+        if node is not None and not _NODE_ID.match(node):
+            raise LamaError(ErrorCode.BAD_REQUEST, f"invalid node id {node!r}: must match [A-Za-z0-9_-]{{1,64}}",
+                            field="node")
+        api = self.subjects.api if node is None else self.subjects.node_api(node)
+        try:
+            reply = await self.nc.request(spec.subject(api), encode(request), timeout=timeout)
+        except NoRespondersError:
+            if node is None:
+                raise
+            raise LamaError(ErrorCode.NOT_FOUND, f"node {node} is not serving", node=node) from None
         raise_for_error(reply)
         return decode_untrusted(_reply_decoder(spec.reply), reply.data)
 

@@ -26,6 +26,8 @@ import msgspec
 from anyio.abc import TaskGroup
 from nats.aio.client import Client
 from nats.micro import add_service
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.micro.request import Request
 from nats.micro.service import Service
 
@@ -186,3 +188,33 @@ class _EndpointErrors:
         if self.endpoint is not None:
             self.endpoint._num_errors += 1
             self.endpoint._last_error = f"{exc.code.value}: {exc.message}"
+
+
+async def serve_node(nc: Client, node_prefix: str, endpoints: list[Endpoint],
+                     task_group: TaskGroup | None = None) -> Subscription:
+    """The same endpoints on this node's own subjects, ``<node_prefix>.<endpoint>`` (``<prefix>.api.node.<id>``),
+    without a queue group: a request there reaches this node and no other. Several nodes serve the
+    API in one queue group; what concerns one node's engine (its llm handles, what it has loaded,
+    its diagnostics and metrics) is asked here.
+
+    Not part of the micro service (``$SRV.INFO`` lists the shared API once); every request still goes
+    through :func:`boundary`, so the replies and errors are the same."""
+    handlers: dict[str, Callable[[Request], Awaitable[None]]] = {}
+    for ep in endpoints:
+        suffix = ep.subject(node_prefix)[len(node_prefix) + 1:]
+        handlers[suffix] = boundary(ep.request_type, ep.handler, name=ep.subject(node_prefix),
+                                    concurrent=ep.concurrent, task_group=task_group, max_in_flight=ep.max_in_flight)
+
+    async def dispatch(msg: Msg) -> None:
+        request = Request(msg)
+        handler = handlers.get(msg.subject[len(node_prefix) + 1:])
+        if handler is None:
+            await _respond_error(request, LamaError(ErrorCode.NOT_FOUND, f"no endpoint {msg.subject!r}",
+                                                    subject=msg.subject))
+            return
+        try:
+            await handler(request)
+        except Exception:  # boundary answers everything; a raise here would only be logged by nats-py
+            log.exception("node endpoint %s failed", msg.subject)
+
+    return await nc.subscribe(f"{node_prefix}.>", cb=dispatch)

@@ -63,6 +63,10 @@ class Subjects:
     def api(self) -> str:
         return f"{self.prefix}.api"
 
+    def node_api(self, node: str) -> str:
+        """One node's own copy of the API (no queue group): ``<prefix>.api.node.<node>.<endpoint>``."""
+        return f"{self.prefix}.api.node.{node}"
+
     def registry_evt(self, stream_id: str) -> str:
         return f"{self.prefix}.registry.evt.{stream_id}"
 

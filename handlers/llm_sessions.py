@@ -2,8 +2,10 @@
 as sessions over the engine, with opaque handles.
 
 Handles made here are this module's own: ``generate`` and ``release`` accept only
-those, never the handles the models runtime holds for the assistant. The bus layer
-(bus/api.py) only decodes requests and publishes a stream's chunks.
+those, never the handles the models runtime holds for the assistant. With a node id
+(several nodes on a cluster), a handle is ``<nodeId>:<engine handle>``: it names the
+node whose engine holds it, and bus/api.py hands a request on it to that node. The
+bus layer only decodes requests, routes them and publishes a stream's chunks.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ MAX_HANDLES = 32
 """Handles open at once; more is ``busy`` (each may hold a model in memory)."""
 
 
+def node_of_handle(handle: str) -> str | None:
+    """The node a handle names (``<nodeId>:<opaque>``), or None for a handle of a single node."""
+    node, sep, _ = handle.partition(":")
+    return node if sep and node else None
+
+
 class EngineLike(Protocol):
     async def initialize(self, config: ModelConfig) -> str: ...
 
@@ -48,6 +56,7 @@ class EngineLike(Protocol):
 
 
 class _Session(msgspec.Struct):
+    engine_handle: str
     model_id: str | None
     config: ModelConfig
     params: GenerationParams | None
@@ -68,9 +77,10 @@ def _bad(message: str, field: str) -> LamaError:
 class LlmSessions:
     """The ``llm.*`` state of one service: open handles and running requests."""
 
-    def __init__(self, registry: Registry, engine: EngineLike) -> None:
+    def __init__(self, registry: Registry, engine: EngineLike, *, node_id: str | None = None) -> None:
         self.registry = registry
         self.engine = engine
+        self.node_id = node_id
         self.handles: dict[str, _Session] = {}
         self.running: dict[str, str] = {}  # client request id -> engine request id
 
@@ -103,15 +113,21 @@ class LlmSessions:
             assert req.model_path is not None
             path, model_id = self._model_path(req.model_path)
             config = ModelConfig.resolve(path, req.load_params())
-        handle = await self.engine.initialize(config)
-        self.handles[handle] = _Session(model_id=model_id, config=config, params=params, created=time.time())
+        engine_handle = await self.engine.initialize(config)
+        handle = engine_handle if self.node_id is None else f"{self.node_id}:{engine_handle}"
+        self.handles[handle] = _Session(engine_handle=engine_handle, model_id=model_id, config=config, params=params,
+                                        created=time.time())
         return LlmHandle(handle=handle, model_id=model_id, model_path=config.model_path, context_size=config.n_ctx,
                          batch_size=config.n_batch, gpu_layers=config.n_gpu_layers, threads=config.n_threads,
-                         parallel=config.n_seq_max)
+                         parallel=config.n_seq_max, node=self.node_id)
 
     def _session(self, handle: str) -> _Session:
         info = self.handles.get(handle)
         if info is None:
+            node = node_of_handle(handle)
+            if node is not None and node != self.node_id:
+                raise LamaError(ErrorCode.NOT_FOUND, f"handle {handle!r} is held by node {node}, not this one "
+                                f"({self.node_id})", handle=handle, node=node, field="$.handle")
             raise LamaError(ErrorCode.NOT_FOUND, f"unknown or released handle {handle!r}", handle=handle,
                             field="$.handle")
         return info
@@ -147,11 +163,11 @@ class LlmSessions:
         self.running[run.client_id] = run.request.request_id
         try:
             if on_token is None:
-                result = await self.engine.generate(run.handle, run.request)
+                result = await self.engine.generate(run.session.engine_handle, run.request)
             else:
                 seq = 0
                 streamed: GenerationResult | None = None
-                async for item in self.engine.generate_stream(run.handle, run.request):
+                async for item in self.engine.generate_stream(run.session.engine_handle, run.request):
                     if isinstance(item, TokenChunk):
                         await on_token(LlmToken(request_id=run.client_id, seq=seq, text=item.text,
                                                 channel=item.channel))
@@ -175,7 +191,7 @@ class LlmSessions:
         return LlmCancelReply(request_id=req.request_id, cancelled=await self.engine.cancel(engine_id))
 
     async def release(self, req: LlmRelease) -> LlmReleased:
-        self._session(req.handle)
+        info = self._session(req.handle)
         del self.handles[req.handle]
-        await self.engine.release(req.handle)
+        await self.engine.release(info.engine_handle)
         return LlmReleased(handle=req.handle)

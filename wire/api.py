@@ -149,12 +149,16 @@ class ModelListReply(_Reply, tag="model.list"):
 class ModelLoadReply(_Reply, tag="model.loaded"):
     model_id: str
     loaded: list[str]
+    #: The node that loaded it (several nodes: each has its own engine; name one with <prefix>.api.node.<id>.*).
+    node: str | None = None
 
 
 class ModelUnloadReply(_Reply, tag="model.unloaded"):
     model_id: str
     was_loaded: bool
     loaded: list[str]
+    #: The node that unloaded it.
+    node: str | None = None
 
 
 class Progress(_Reply, tag="progress"):
@@ -242,6 +246,7 @@ class LlmInitialize(ApiRequest["LlmHandle"], tag="llm.initialize"):
 
 class LlmHandle(_Reply, tag="llm.handle"):
     handle: str
+    """``<nodeId>:<opaque>``: any node that gets a request on it hands it to that node."""
     model_id: str | None
     model_path: str
     context_size: int
@@ -249,6 +254,8 @@ class LlmHandle(_Reply, tag="llm.handle"):
     gpu_layers: int
     threads: int
     parallel: int
+    #: The node whose engine holds the handle.
+    node: str | None = None
 
 
 class ChatTurnIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -326,6 +333,8 @@ class MetricsReply(_Reply, tag="metrics"):
 
     content_type: str
     text: str
+    #: The node whose metrics these are.
+    node: str | None = None
 
 
 class MetricsGet(ApiRequest[MetricsReply], tag="metrics"):
@@ -369,6 +378,10 @@ class ServiceDiagnostics(msgspec.Struct, frozen=True, rename="camel"):
     """Topic lanes, queues per model and counters (their shape is the assistant's)."""
     engine: dict[str, Any] | None = None
     """Loaded models, workers, slots, memory (their shape is the engine's; see docs/api.md)."""
+    node: str | None = None
+    """The node that answered (its node id); ``<prefix>.api.node.<node>.diagnostics`` asks that node."""
+    partitions: list[int] | None = None
+    """The topic partitions this node owns now (several nodes on a cluster; None: one node owns every topic)."""
 
 
 class ApiDiagnostics(msgspec.Struct, frozen=True, rename="camel"):
