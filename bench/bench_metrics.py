@@ -43,7 +43,8 @@ if str(ROOT) not in sys.path:
 import nats  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench.bench_bus import BusSide, ServiceProcess, essay, greedy  # noqa: E402
+from bench.sides import BusSide, ServiceProcess, wait_ready  # noqa: E402
+from bench.workload import essay, greedy  # noqa: E402
 from bus.embedded import EmbeddedNatsServer  # noqa: E402
 from handlers.metrics import ServiceMetrics  # noqa: E402
 from wire.messages import GenerationStarted, GenerationToken  # noqa: E402
@@ -64,19 +65,6 @@ def _start(broker_url: str, work: Path, mode: str, metrics: str) -> ServiceProce
             else:
                 os.environ[k] = v
     return service
-
-
-async def _ready(side: BusSide, service: ServiceProcess, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        service.check_alive()
-        try:
-            await side.diagnostics()
-            return
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.monotonic() > deadline:
-                raise RuntimeError("lamabus did not answer in time:\n" + service.log_tail()) from None
-            await asyncio.sleep(0.2)
 
 
 def _completed(url: str) -> float:
@@ -128,7 +116,7 @@ async def run(reps: int = 6, tokens: int = 128, workdir: str | None = None, log:
                 sides = {mode: BusSide(nc, prefix=mode) for mode in services}
                 for mode, side in sides.items():
                     await side.start()
-                    await _ready(side, services[mode])
+                    await wait_ready(side, services[mode])
                     await side.ask("warmup", "Say hello.", greedy(8))  # loads the model
                 url = (work / "on" / "metrics.url").read_text().strip()
                 tps: dict[str, list[float]] = {"on": [], "off": []}
