@@ -34,11 +34,13 @@ from bus.subjects import Subjects
 from bus.web import WebServer, embedded_websocket_port, web_server_for
 from domain.mapper import follow
 from engine.runtime import Engine
+from handlers.analysis_store import RegistryAnalysisStore
 from handlers.assistant import Assistant, AssistantSettings
 from handlers.catalog import bundled_model_path
 from handlers.engine_runtime import EngineRuntime
 from handlers.metrics import ServiceMetrics
 from handlers.models_runtime import ModelsRuntime
+from handlers.topic_analysis import AnalysisSettings, TopicAnalyser
 from handlers.directory import RegistryDirectory
 from handlers.registry import Registry
 from wire.api import IntakeDiagnostics, ServiceDiagnostics
@@ -69,6 +71,7 @@ class LamabusService:
         self.engine: Engine | None = None
         self.models: ModelsRuntime | None = None
         self.assistant: Assistant | None = None
+        self.analyser: TopicAnalyser | None = None  # None when settings.analysis is off
         self.lane_order: LaneOrder | None = None
         self.intake: TopicIntake | None = None
         self.web: WebServer | None = None  # the chat page
@@ -138,11 +141,19 @@ class LamabusService:
         publisher = self.metrics.publisher(publisher) if self.metrics else publisher
         order = self.lane_order = LaneOrder(max_hold=max(60.0, 10 * s.ack_wait))
         directory = OrderedDirectory(RegistryDirectory(self.registry), order)
+        runtime = EngineRuntime(self.models, self.engine)
+        if s.analysis:
+            # Entered before the assistant, so it exits after it: the assistant stops telling it things first.
+            self.analyser = await stack.enter_async_context(TopicAnalyser(
+                RegistryAnalysisStore(self.registry), runtime, publisher,
+                AnalysisSettings(every=s.analysis_every, node_id=s.node_name), system_prompt=s.system_prompt,
+                on_outcome=self.metrics.topic_analysis if self.metrics else None))
         self.assistant = await stack.enter_async_context(Assistant(
-            directory, EngineRuntime(self.models, self.engine), publisher,
+            directory, runtime, publisher,
             AssistantSettings(max_concurrent_topics=s.max_concurrent_topics, max_queue_per_model=s.max_queue_per_model,
                               on_new_message=s.on_new_message, system_prompt=s.system_prompt,
                               progress_interval=max(1.0, s.ack_wait / 3), node_id=s.node_name),
+            background=self.analyser,
         ))
         limits = StreamLimits(max_age=s.topics_max_age, max_bytes=s.topics_max_bytes)
         submit = order.submit(self.assistant.submit, directory)
@@ -251,6 +262,8 @@ class LamabusService:
         if self.assistant is None:
             return None
         stats = self.assistant.stats()
+        if self.analyser is not None:
+            stats["analysis"] = self.analyser.stats()
         if isinstance(self.intake, PartitionedIntake):
             # Which node this is, the partitions (and so the topics) it answers, the members it sees.
             stats["node"] = self.intake.node_diagnostics()

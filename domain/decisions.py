@@ -44,6 +44,8 @@ from domain.events import (
     TopicModelBound,
     TopicReplyPosted,
     TopicSystemPromptSet,
+    TopicAnalysed,
+    TopicAnalysisSwitched,
     model_stream,
     topic_stream,
 )
@@ -52,6 +54,7 @@ from domain.projections import Projections, model_not_found
 from wire.errors import ErrorCode, LamaError, stream_conflict
 from wire.messages import ChatMessage, GenerationCompleted, valid_topic_id
 from wire.params import GenerationParams, ModelParams
+from wire.records import TopicAnalysis
 
 NO_STREAM = 0
 """``expected_version`` for "the stream must not exist yet"."""
@@ -217,6 +220,35 @@ def bind_topic(view: Projections, topic_id: str, model_id: str | None, at: int) 
     if room.model_id == model_id:
         return None
     return [Append(topic_stream(topic_id), [TopicModelBound(at=at, model_id=model_id)], room.version)]
+
+
+def set_topic_analysis(view: Projections, topic_id: str, enabled: bool, at: int) -> Decision:
+    """The topic's own analysis switch (creating the room if needed)."""
+    check_topic(topic_id)
+    room = view.topics.get(topic_id)
+    event = TopicAnalysisSwitched(at=at, enabled=enabled)
+    if room is None:
+        return [Append(topic_stream(topic_id), [TopicCreated(at=at), event], NO_STREAM)]
+    if room.analysis_enabled == enabled:
+        return None
+    return [Append(topic_stream(topic_id), [event], room.version)]
+
+
+def record_analysis(view: Projections, topic_id: str, analysis: TopicAnalysis, at: int) -> Decision:
+    """A topic's analysis, fenced by the room's version; nothing when the room has one as recent (made by
+    another node that answered the topic meanwhile, or this one again) or was switched off meanwhile.
+    The event id is derived from the reply it is based on, so the same analysis is stored once."""
+    check_topic(topic_id)
+    room = view.topics.get(topic_id)
+    if room is None:
+        raise LamaError(ErrorCode.NOT_FOUND, f"topic {topic_id!r} not found", topic=topic_id)
+    if not room.analysis_enabled or (room.analysis is not None and room.analysis.reply_count >= analysis.reply_count):
+        return None
+    event = Keyed(TopicAnalysed(at=at, based_on_message_id=analysis.based_on_message_id, model_id=analysis.model_id,
+                                title=analysis.title, keywords=tuple(analysis.keywords), summary=analysis.summary,
+                                language=analysis.language, reply_count=analysis.reply_count),
+                  f"{topic_id}/{analysis.based_on_message_id}/analysed")
+    return [Append(topic_stream(topic_id), [event], room.version)]
 
 
 def _iso(dt: datetime) -> str:

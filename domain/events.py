@@ -156,6 +156,26 @@ class TopicReplyPosted(DomainEvent, tag="topic.reply_posted"):
     timing: Timing | None = None
 
 
+class TopicAnalysed(DomainEvent, tag="topic.analysed"):
+    """What the topic is about, as its model saw it after reply ``based_on_message_id`` (made in the
+    background, issue 13 part 2); a later one replaces it."""
+
+    based_on_message_id: str
+    model_id: str
+    title: str
+    keywords: tuple[str, ...]
+    summary: str
+    language: str
+    reply_count: int
+    """Replies in the topic when it was made: the next is due ``analysis_every`` replies later."""
+
+
+class TopicAnalysisSwitched(DomainEvent, tag="topic.analysis_switched"):
+    """The topic's own analysis switch (``enabled`` False: never analysed, whatever the service's setting)."""
+
+    enabled: bool = True
+
+
 AnyEvent = Union[
     ModelImported,
     ModelParametersChanged,
@@ -172,6 +192,8 @@ AnyEvent = Union[
     TopicSystemPromptSet,
     TopicMessageSeen,
     TopicReplyPosted,
+    TopicAnalysed,
+    TopicAnalysisSwitched,
 ]
 
 EVENT_TYPES: tuple[type[DomainEvent], ...] = AnyEvent.__args__  # type: ignore[attr-defined]

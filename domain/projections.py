@@ -34,12 +34,14 @@ from domain.events import (
     TopicModelBound,
     TopicSystemPromptSet,
     TopicReplyPosted,
+    TopicAnalysed,
+    TopicAnalysisSwitched,
 )
 from domain.mapper import RecordedEvent, iter_all
 from wire.errors import ErrorCode, LamaError
 from wire.identity import person_id_for
 from wire.params import GenerationParams, ModelParams
-from wire.records import GENERATION_FIELDS, LLM, LOAD_FIELDS, TopicInfo
+from wire.records import GENERATION_FIELDS, LLM, LOAD_FIELDS, TopicAnalysis, TopicInfo
 
 if TYPE_CHECKING:
     from storage.store import EventStore
@@ -69,6 +71,9 @@ class TopicRoom(msgspec.Struct, frozen=True, rename="camel"):
     reply_count: int
     version: int
     system_prompt: str | None = None
+    analysis: TopicAnalysis | None = None
+    """The latest ``topic.analysed``."""
+    analysis_enabled: bool = True
 
 
 class Turn(msgspec.Struct, frozen=True, rename="camel"):
@@ -190,7 +195,8 @@ class Projections:
             id=room.id, name=room.name, bound_model_id=room.model_id, model_id=model_id,
             person_id=model.person_id if model else None, created_by=room.created_by, created=room.created,
             modified=room.modified, message_count=room.message_count, reply_count=room.reply_count,
-            version=room.version, system_prompt=room.system_prompt,
+            version=room.version, system_prompt=room.system_prompt, analysis=room.analysis,
+            analysis_enabled=room.analysis_enabled,
         )
 
     def has_seen(self, topic: str, message_id: str) -> bool:
@@ -305,6 +311,14 @@ class Projections:
                 del replies[next(iter(replies))]  # dicts keep insertion order: the oldest reply
             self.replied.setdefault(topic, set()).add(ev.reply_to)
             room = replace(room, reply_count=room.reply_count + 1, modified=at)
+        elif isinstance(ev, TopicAnalysed):
+            # Not a change anyone made to the room: ``modified`` stays.
+            room = replace(room, analysis=TopicAnalysis(
+                title=ev.title, keywords=tuple(ev.keywords), summary=ev.summary, language=ev.language,
+                based_on_message_id=ev.based_on_message_id, model_id=ev.model_id, reply_count=ev.reply_count,
+                analysed_at=at))
+        elif isinstance(ev, TopicAnalysisSwitched):
+            room = replace(room, analysis_enabled=ev.enabled, modified=at)
         self.topics[topic] = room
 
 

@@ -37,5 +37,5 @@ class RegistryAnalysisStore:
     async def history(self, topic: str) -> Sequence[ChatTurn]:
         return await self.directory.history(topic)
 
-    async def record_analysis(self, topic: str, analysis: TopicAnalysis) -> bool:
+    async def record_analysis(self, topic: str, analysis: TopicAnalysis) -> TopicAnalysis | None:
         return await self.registry.record_analysis(topic, analysis)

@@ -41,7 +41,7 @@ from wire.errors import ErrorCode, LamaError
 from wire.identity import slugify
 from wire.messages import ChatMessage, GenerationCompleted
 from wire.params import GenerationParams, ModelParams
-from wire.records import TopicInfo
+from wire.records import TopicAnalysis, TopicInfo
 
 BUNDLED_NAME = "SmolLM2 135M Instruct"
 _MAX_NAME = 200
@@ -314,6 +314,19 @@ class Registry:
         """Bind a topic to a model (creating the room if needed); ``None`` follows the active model again."""
         await self._execute(lambda view: decisions.bind_topic(view, topic_id, model_id, self._now()))
         return self.view.topic_info(self.view.topics[topic_id])
+
+    async def set_topic_analysis(self, topic_id: str, enabled: bool) -> TopicInfo:
+        """The topic's own analysis switch (the service's ``analysis`` setting is over it)."""
+        await self._execute(lambda view: decisions.set_topic_analysis(view, topic_id, enabled, self._now()))
+        return self.view.topic_info(self.view.topics[topic_id])
+
+    async def record_analysis(self, topic_id: str, analysis: TopicAnalysis) -> TopicAnalysis | None:
+        """Record a topic analysis (``topic.analysed``; its time is the registry's clock); the analysis as
+        recorded, or None when the topic already had one as recent or was switched off meanwhile."""
+        at = self._now()
+        if not await self._execute(lambda view: decisions.record_analysis(view, topic_id, analysis, at)):
+            return None
+        return self.view.topics[topic_id].analysis
 
     async def record_message(self, message: ChatMessage, *, unanswered: str | None = None) -> bool:
         """Record a user message as seen (``unanswered``: settled without a reply). False if it was already."""

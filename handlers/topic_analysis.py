@@ -109,8 +109,9 @@ class AnalysisStore(Protocol):
     async def history(self, topic: str) -> Sequence[ChatTurn]:
         """The conversation, oldest first, as the assistant hands it to the engine."""
 
-    async def record_analysis(self, topic: str, analysis: TopicAnalysis) -> bool:
-        """Append the analysis to the topic's stream; False when one as recent is there already."""
+    async def record_analysis(self, topic: str, analysis: TopicAnalysis) -> TopicAnalysis | None:
+        """Append the analysis to the topic's stream: the analysis as recorded (with the registry's time),
+        or None when the topic has one as recent already or was switched off meanwhile."""
 
 
 class InvalidAnalysis(ValueError):
@@ -204,6 +205,7 @@ class TopicAnalyser:
         self.idle = anyio.Event()  # set whenever nothing runs or waits (tests and the bench wait on it)
         self.idle.set()
         self.started = anyio.Event()  # set when an analysis starts generating; replaced after
+        self.finished = anyio.Event()  # set when an analysis ends (any outcome); replaced after
         self._tg: TaskGroup | None = None
 
     async def __aenter__(self) -> "TopicAnalyser":
@@ -265,6 +267,8 @@ class TopicAnalyser:
                 if outcome is not None:
                     self.counters[outcome] += 1
                     self.on_outcome(model_id, outcome)
+                    finished, self.finished = self.finished, anyio.Event()
+                    finished.set()
             if not pending:
                 self._pending.pop(model_id, None)
         finally:
@@ -309,9 +313,10 @@ class TopicAnalyser:
                                  model_id=model.model_id, reply_count=state.reply_count,
                                  analysed_at=int(self.clock() * 1000))
         try:
-            await self.store.record_analysis(topic, analysis)
-            await self.publisher.event(analysed_event(topic, analysis, self.settings.node_id),
-                                       dedup_id=f"{topic}.analysed.{analysis.based_on_message_id}")
+            recorded = await self.store.record_analysis(topic, analysis)
+            if recorded is not None:
+                await self.publisher.event(analysed_event(topic, recorded, self.settings.node_id),
+                                           dedup_id=f"{topic}.analysed.{recorded.based_on_message_id}")
         except Exception as exc:
             self._attempted[topic] = state.reply_count
             log.warning("analysis of topic %s could not be recorded or published: %s", topic, exc)

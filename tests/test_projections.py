@@ -20,6 +20,7 @@ from storage.store import EventStore, MemoryEventStore
 from tests.test_registry import Clock, chat, reply_for, write_gguf
 from wire.errors import ErrorCode, LamaError
 from wire.params import GenerationParams, ModelParams
+from wire.records import TopicAnalysis
 
 MODEL_IDS = ["a", "b", "c"]
 TOPICS = ["t1", "t2"]
@@ -44,6 +45,8 @@ command = st.one_of(
     st.tuples(st.just("unanswered"), topics, st.integers(0, 3)),
     st.tuples(st.just("model_prompt"), models, st.none() | st.sampled_from(["Be brief.", "Be kind."])),
     st.tuples(st.just("topic_prompt"), topics, st.none() | st.sampled_from(["Speak French.", "Rhyme."])),
+    st.tuples(st.just("analysis"), topics, st.integers(0, 4), models),
+    st.tuples(st.just("analysis_switch"), topics, st.booleans()),
 )
 # Most commands need a model: start from a registry holding some (a random subset, by random names).
 setup = st.lists(st.tuples(st.just("import"), st.integers(0, 2), st.sampled_from([None, "A", "B", "C"])),
@@ -92,6 +95,14 @@ async def run(reg: Registry, files: list[Path], cmd: tuple) -> None:
         await reg.set_model_system_prompt(args[0], args[1])
     elif kind == "topic_prompt":
         await reg.set_topic_system_prompt(args[0], args[1])
+    elif kind == "analysis":
+        topic, n, model_id = args
+        if topic in reg.view.topics:
+            await reg.record_analysis(topic, TopicAnalysis(
+                title=f"about {n}", keywords=("a", "b", f"k{n}"), summary=f"Summary {n}.", language="en",
+                based_on_message_id=f"r{n}", model_id=model_id, reply_count=n, analysed_at=0))
+    elif kind == "analysis_switch":
+        await reg.set_topic_analysis(args[0], args[1])
 
 
 async def exercise(store: EventStore, workdir: Path, cmds: list[tuple]) -> None:

@@ -512,3 +512,53 @@ async def test_update_model_changes_parameters_and_prompt_in_one_atomic_append(r
     with pytest.raises(LamaError) as exc:
         await registry.update_model("a")
     assert exc.value.code is ErrorCode.BAD_REQUEST
+
+
+async def test_topic_analysis_is_recorded_fenced_and_replayed(tmp_path: Path, models_dir: Path):
+    from handlers.analysis_store import RegistryAnalysisStore
+    from wire.records import TopicAnalysis
+
+    def analysis(replies: int, based_on: str) -> TopicAnalysis:
+        return TopicAnalysis(title="Greetings", keywords=("hello", "hi", "greeting"), summary="They greet.",
+                             language="en", based_on_message_id=based_on, model_id="a", reply_count=replies,
+                             analysed_at=0)
+
+    path = tmp_path / "r.sqlite3"
+    async with Registry.open(path, [models_dir], clock=Clock()) as reg:
+        a, _ = await _two(reg, models_dir)
+        await reg.activate("a")
+        store = RegistryAnalysisStore(reg)
+        assert store.topic_state("room") is None
+        msg = chat("room", "m1")
+        reply, completed = reply_for(msg, a)
+        await reg.record_reply(msg, reply, completed)
+        state = store.topic_state("room")
+        assert state is not None and (state.reply_count, state.last_reply_id, state.analysed_reply_count,
+                                      state.enabled) == (1, "r-m1", None, True)
+        before = await reg.store.last_position()
+        recorded = await reg.record_analysis("room", analysis(1, "r-m1"))
+        assert recorded is not None and recorded.title == "Greetings" and recorded.based_on_message_id == "r-m1"
+        assert recorded.analysed_at > 0  # the registry's clock, not the analyser's
+        written = await read_all(reg.store, before)
+        assert [(e.stream_id, e.type) for e in written] == [("topic-room", "topic.analysed")]
+        info = await reg.get_topic("room")
+        assert info.analysis == recorded and info.analysis_enabled
+        assert info.modified == (await reg.get_topic("room")).modified
+        assert store.topic_state("room").analysed_reply_count == 1
+        # The same one again, or an older one (another node, late): nothing is stored.
+        assert await reg.record_analysis("room", analysis(1, "r-m1")) is None
+        assert await reg.record_analysis("room", analysis(0, "r-m0")) is None
+        assert await reg.store.last_position() == written[-1].position
+        # Switched off: the switch is recorded, and an analysis that was under way is dropped.
+        off = await reg.set_topic_analysis("room", False)
+        assert not off.analysis_enabled and off.analysis == recorded
+        assert await reg.record_analysis("room", analysis(5, "r-m5")) is None
+        assert not store.topic_state("room").enabled
+        kept = reg.view.state()
+    async with Registry.open(path, [models_dir]) as reg:  # replayed from the log
+        assert reg.view.state() == kept
+        assert (await reg.get_topic("room")).analysis == recorded
+    with pytest.raises(LamaError) as exc:
+        async with Registry.open(path, [models_dir]) as reg:
+            await reg.record_analysis("nowhere", analysis(1, "x"))
+    assert exc.value.code is ErrorCode.NOT_FOUND

@@ -112,7 +112,7 @@ class FakeStore:
     async def record_analysis(self, topic, analysis):
         self.recorded.append((topic, analysis))
         self.states[topic] = self.states[topic]._replace(analysed_reply_count=analysis.reply_count)
-        return True
+        return analysis
 
 
 class AnalysisRuntime:
