@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -261,6 +263,16 @@ def _render_llama_server(results: dict[str, Any], w: Any) -> None:
           f"loop's own decode phase: {_n((results.get('raw_batched') or {}).get('decode_phase_tps'))} tok/s.\n")
 
 
+def _cluster_section() -> str | None:
+    """``python -m bench.bench_cluster`` runs apart (it needs a 3-server cluster); its last figures, if any."""
+    path = Path(__file__).with_name("cluster.json")
+    if not path.exists():
+        return None
+    from bench.bench_cluster import markdown
+
+    return markdown(json.loads(path.read_text()))
+
+
 def render(results: dict[str, Any]) -> str:
     out: list[str] = []
     w = out.append
@@ -480,6 +492,8 @@ def render(results: dict[str, Any]) -> str:
       f"{results.get('registry', {}).get('events')} events): {_n(results.get('registry_append_eps'), '.0f')} durable "
       f"appends/s (each its own transaction, synchronous=FULL), rebuilding all projections from 100k events "
       f"{_n(results.get('registry_rebuild_100k_s'), '.2f')} s.\n")
+    if (cluster := _cluster_section()) is not None:
+        w(cluster)
 
     # ---- profile
     prof = results.get("profile") or {}
