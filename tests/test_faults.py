@@ -9,11 +9,8 @@ The bundled model with greedy sampling and a few tokens keeps each test short.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 import signal
-import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -23,6 +20,7 @@ import anyio
 import pytest
 from nats.js.errors import NotFoundError
 
+from bench.serve_process import ServeProcess, group_members
 from bus.config import Settings
 from bus.connection import connect
 from bus.intake import CONSUMER, StreamLimits, ensure_topics_stream
@@ -45,7 +43,6 @@ from wire.params import GenerationParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
-REPO = Path(__file__).resolve().parent.parent
 S = Subjects()
 #: Short enough to be quick, long enough to still be running a moment after the first token.
 PARAMS = GenerationParams(max_tokens=32, temperature=0.0, seed=1, stop=[])
@@ -113,107 +110,6 @@ async def wait_settled(js, timeout: float = 30.0) -> None:
             await anyio.sleep(0.1)  # polling a condition, with a deadline
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes in process group ``pgid``."""
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry.name))
-    return alive
-
-
-class ServeProcess:
-    """``lamabus serve`` as a child process in its own process group (so nothing it starts can leak)."""
-
-    def __init__(self, nats_url: str, data_dir: Path, config: Path) -> None:
-        self.args = [sys.executable, "-m", "bus.cli", "serve", "--nats-url", nats_url, "--data-dir", str(data_dir),
-                     "--config", str(config)]
-        self.proc: asyncio.subprocess.Process | None = None
-        self.lines: list[str] = []
-        self._ready = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self, timeout: float = 60.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LAMABUS_")}
-        self.lines, self._ready = [], asyncio.Event()
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.args, cwd=REPO, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
-        self._reader = asyncio.create_task(self._read(self.proc))
-        ready = asyncio.create_task(self._ready.wait())
-        exited = asyncio.create_task(self.proc.wait())
-        try:
-            await asyncio.wait({ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-            exited.cancel()
-        if not self._ready.is_set():
-            raise AssertionError("lamabus serve did not get ready:\n" + self.log_tail())
-
-    async def _read(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
-        while line := await proc.stderr.readline():
-            text = line.decode(errors="replace").rstrip()
-            self.lines.append(text)
-            if "lamabus ready" in text:
-                self._ready.set()
-
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.lines[-n:])
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    async def kill(self) -> None:
-        """kill -9 the service process only (what a crash looks like); its engine worker must follow."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        assert await self.proc.wait() == -signal.SIGKILL
-        await self._finish_reader()
-
-    async def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait: a graceful shutdown."""
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-                raise AssertionError("lamabus serve ignored SIGTERM:\n" + self.log_tail()) from None
-        await self._finish_reader()
-        return self.proc.returncode  # type: ignore[return-value]
-
-    async def _finish_reader(self) -> None:
-        if self._reader is not None:
-            with anyio.fail_after(10):
-                await self._reader  # stderr closes when the process and its children are gone
-            self._reader = None
-
-    async def aclose(self) -> None:
-        """Reap everything this started, whatever state the test left it in."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        await self.proc.wait()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-
-
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "lamabus.toml"
@@ -226,7 +122,7 @@ async def serve(tmp_path: Path, nats_url: str, config_file: Path):
     started: list[ServeProcess] = []
 
     def make() -> ServeProcess:
-        proc = ServeProcess(nats_url, tmp_path / "data", config_file)
+        proc = ServeProcess(nats_url, tmp_path / "data", config_file, strict=True)
         started.append(proc)
         return proc
 
@@ -283,10 +179,10 @@ async def test_serve_killed_mid_generation_answers_once_after_restart(serve, nc,
     await service.start()
     message = chat(topic, COUNTING)
     await first_token(nc, topic, message.id, lambda: post(js, message))
-    await service.kill()
+    assert await service.kill() == -signal.SIGKILL
     # The engine worker dies with its parent (no orphan holding the model).
     with anyio.fail_after(10):
-        while _group_members(service.pid):
+        while group_members(service.pid):
             await anyio.sleep(0.05)
     # Killed mid-generation: nothing answered yet.
     assert answers(await stored(js, topic), message.id) == ([], [])
@@ -305,13 +201,13 @@ async def test_with_default_settings_a_restarted_node_answers_within_seconds(tmp
     the restart, not after a long ack_wait. Default settings, only the log level set."""
     config = tmp_path / "defaults.toml"
     config.write_text('[lamabus]\nlog_level = "info"\n')
-    service = ServeProcess(nats_url, tmp_path / "data", config)
+    service = ServeProcess(nats_url, tmp_path / "data", config, strict=True)
     try:
         topic = "recover"
         await service.start()
         message = chat(topic, COUNTING)
         await first_token(nc, topic, message.id, lambda: post(js, message))
-        await service.kill()
+        assert await service.kill() == -signal.SIGKILL
         killed = time.monotonic()
         await service.start()
         ended = await wait_end(js, topic, message.id)
