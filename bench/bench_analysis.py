@@ -15,7 +15,9 @@ neither finds the other's prompt cached beyond the system prompt):
 
 TTFT is the client's: from posting to the first token message, so it includes everything a
 user waits for (acceptance, the cancel of the analysis, the engine's queue, prompt
-evaluation). The figure is median(busy) ÷ median(idle); a repetition whose analysis had
+evaluation). The figure is median(busy) ÷ median(idle), with the median of each repetition's
+busy ÷ idle beside it (the engine's prompt cache warms over the first repetitions, which are
+run first and not counted: ``--warmup``); a repetition whose analysis had
 already finished when the question was posted is not counted as busy (reported). The
 analyser's outcome counters are reported too: every busy repetition should add one
 ``preempted``.
@@ -71,12 +73,14 @@ async def _settle(service: LamabusService, timeout: float = 300.0) -> None:
         await analyser.idle.wait()
 
 
-async def run(reps: int = 8, max_tokens: int = 8, workdir: str | None = None, log: Any = print) -> dict[str, Any]:
+async def run(reps: int = 8, max_tokens: int = 8, workdir: str | None = None, log: Any = print,
+              warmup: int = 2) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="lamabus-bench-analysis-", dir=workdir))
     settings = Settings(data_dir=str(work), embedded_port=0, embedded_ws_port=0, web="off", metrics="bus",
                         analysis=True, analysis_every=1)
     idle: list[float] = []
     busy: list[float] = []
+    paired: list[float] = []
     missed = 0
     try:
         async with LamabusService(settings) as service:
@@ -85,7 +89,7 @@ async def run(reps: int = 8, max_tokens: int = 8, workdir: str | None = None, lo
             async with LamabusClient.connect(service.url, prefix=settings.prefix) as client:
                 await _ttft(client, "warmup", QUESTION.format(nonce="warm"), max_tokens)  # loads the model
                 await _settle(service)
-                for rep in range(reps):
+                for rep in range(-warmup, reps):  # the first ones fill the engine's prompt cache: not counted
                     nonce = uuid.uuid4().hex[:8]
                     await _settle(service)
                     started = analyser.started  # the next analysis to start sets it: the idle topic's
@@ -98,12 +102,16 @@ async def run(reps: int = 8, max_tokens: int = 8, workdir: str | None = None, lo
                     t_busy = await _ttft(client, f"busy-{rep}", QUESTION.format(nonce=f"b{nonce}"), max_tokens)
                     preempted = analyser.counters["preempted"] > preempted_before
                     await _settle(service)
-                    idle.append(t_idle)
-                    if running and preempted:
-                        busy.append(t_busy)
-                    else:
-                        missed += 1
-                    log(f"  rep {rep}: idle {t_idle * 1000:.0f} ms | busy {t_busy * 1000:.0f} ms"
+                    counted = running and preempted
+                    if rep >= 0:
+                        idle.append(t_idle)
+                        if counted:
+                            busy.append(t_busy)
+                            paired.append(t_busy / t_idle)
+                        else:
+                            missed += 1
+                    log(f"  {'rep' if rep >= 0 else 'warmup'} {rep}: idle {t_idle * 1000:.0f} ms"
+                        f" | busy {t_busy * 1000:.0f} ms"
                         f"{'' if running and preempted else ' (analysis not running then: not counted)'}")
                 counters = dict(analyser.counters)
     finally:
@@ -115,9 +123,10 @@ async def run(reps: int = 8, max_tokens: int = 8, workdir: str | None = None, lo
         "busy_ttft_ms_median": round(statistics.median(busy) * 1000, 1) if busy else None,
         "idle_ttft_ms": [round(t * 1000, 1) for t in idle],
         "busy_ttft_ms": [round(t * 1000, 1) for t in busy],
+        "paired_ratio_median": round(statistics.median(paired), 3) if paired else None,
         "busy_not_counted": missed,
         "analyses": counters,
-        "reps": reps, "max_tokens": max_tokens,
+        "reps": reps, "warmup": warmup, "max_tokens": max_tokens,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -126,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_analysis", description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens of each measured reply")
+    ap.add_argument("--warmup", type=int, default=2, help="repetitions first, not counted")
     ap.add_argument("--workdir")
     ap.add_argument("--json", default=str(DEFAULT_JSON), help="where the results go (default %(default)s)")
     args = ap.parse_args(argv)
-    results = asyncio.run(run(args.reps, args.max_tokens, args.workdir, log=lambda s: print(s, flush=True)))
+    results = asyncio.run(run(args.reps, args.max_tokens, args.workdir, log=lambda s: print(s, flush=True),
+                              warmup=args.warmup))
     print(json.dumps(results, indent=2))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

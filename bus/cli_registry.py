@@ -225,19 +225,33 @@ def _render_catalog(reply: Any) -> None:
 
 
 def _topic_row(t: Any) -> list[Any]:
+    from rich.markup import escape  # the title is model output: brackets in it are text, not styles
+
     model = t.bound_model_id or (f"{t.model_id} (active)" if t.model_id else "none (no active model)")
-    return [t.id, t.name, model, t.message_count, t.reply_count, ms_text(t.created)]
+    about = (escape(f"{t.analysis.title} ({t.analysis.language})") if t.analysis
+             else "" if t.analysis_enabled else "(off)")
+    return [t.id, t.name, model, t.message_count, t.reply_count, ms_text(t.created), about]
 
 
 def _render_topics(reply: Any) -> None:
     if not reply.topics:
         console().print("no topics yet")
         return
-    table(None, ["ID", "NAME", "ANSWERED BY", "MESSAGES", "REPLIES", "CREATED"], [_topic_row(t) for t in reply.topics])
+    table(None, ["ID", "NAME", "ANSWERED BY", "MESSAGES", "REPLIES", "CREATED", "ABOUT (ANALYSIS)"],
+          [_topic_row(t) for t in reply.topics])
 
 
 def _render_topic(reply: Any) -> None:
-    fields_table(f"topic {reply.topic.id}", reply.topic)
+    from rich.markup import escape  # the analysis is model output: brackets in it are text, not styles
+
+    topic = reply.topic
+    fields_table(f"topic {topic.id}", msgspec.structs.replace(topic, analysis=None))
+    a = topic.analysis
+    if a is not None:
+        table("analysis", ["field", "value"], [[k, escape(v)] for k, v in (
+            ("title", a.title), ("keywords", ", ".join(a.keywords)), ("summary", a.summary),
+            ("language", a.language), ("basedOnMessageId", a.based_on_message_id),
+            ("by", f"{a.model_id} after {a.reply_count} replies, {ms_text(a.analysed_at)}"))])
 
 
 # ---------------------------------------------------------------------------------------- diagnostics

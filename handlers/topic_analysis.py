@@ -74,6 +74,8 @@ INSTRUCTION = (
     "such as en, fr or pt-BR)."
 )
 
+ANALYSIS_TEMPERATURE = 0.7
+
 #: Outcomes counted per model (``lamabus_topic_analyses_total{outcome}``).
 OUTCOMES = ("completed", "failed", "invalid", "preempted")
 
@@ -169,8 +171,10 @@ def analysis_request(topic: str, model: ModelRef, history: Sequence[ChatTurn], s
     """The conversation as the assistant sends it, plus the instruction, under the schema. The
     ``conversation`` is the topic's, so the engine finds the topic's prompt cached in its slot."""
     turns = (ChatTurn("system", model.system_prompt or system_prompt), *history, ChatTurn("user", INSTRUCTION))
-    sampling = SamplingParams.resolve(GenerationParams(json_schema=SCHEMA, temperature=0.0, seed=0,
-                                                       max_tokens=max_tokens))
+    # Sampled, with a fixed seed: greedy decoding makes a small model repeat one keyword (the bundled
+    # one: 3 of 5 test conversations usable greedy, 13 of 15 at 0.7), and the seed keeps it repeatable.
+    sampling = SamplingParams.resolve(GenerationParams(json_schema=SCHEMA, temperature=ANALYSIS_TEMPERATURE,
+                                                       seed=0, max_tokens=max_tokens))
     return GenerateRequest(request_id=f"analysis.{topic}.{uuid.uuid4().hex[:12]}", sampling=sampling,
                            messages=turns, conversation=topic)
 

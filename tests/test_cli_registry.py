@@ -184,3 +184,25 @@ async def test_no_service_is_a_clean_error(service, capsys):
     # The broker is there, but nothing answers under this prefix.
     rc, out, err = await cli(capsys, "models", "list", "--nats-url", service.url, "--prefix", "nobody")
     assert rc == 1 and out == "" and "no lamabus service answers nobody.api.models.list" in err
+
+
+async def test_topics_list_and_show_print_the_analysis(service, client, capsys):
+    from wire.records import TopicAnalysis
+
+    c = conn(service)
+    await cli_json(capsys, "topics", "create", "about", *c)
+    rc, out, _ = await cli(capsys, "topics", "show", "about", *c)
+    assert rc == 0 and "analysis" not in out.split("topic about", 1)[1].replace("analysisEnabled", "")
+    await service.registry.record_analysis("about", TopicAnalysis(
+        title="Baking bread at home", keywords=("bread", "yeast", "oven"), summary="How to bake bread. It rises.",
+        language="en", based_on_message_id="r-1", model_id=BUNDLED, reply_count=1, analysed_at=0))
+    rc, out, _ = await cli(capsys, "topics", "list", *c)
+    assert rc == 0 and "Baking bread at home (en)" in out
+    rc, out, _ = await cli(capsys, "topics", "show", "about", *c)
+    assert rc == 0 and "bread, yeast, oven" in out and "How to bake bread. It rises." in out and "r-1" in out
+    shown = await cli_json(capsys, "topics", "show", "about", *c)
+    assert shown["topic"]["analysis"]["keywords"] == ["bread", "yeast", "oven"]
+    assert shown["topic"]["analysisEnabled"] is True
+    await service.registry.set_topic_analysis("about", False)
+    rc, out, _ = await cli(capsys, "topics", "list", *c)
+    assert "Baking bread at home (en)" in out  # the last one stays shown; no new ones come

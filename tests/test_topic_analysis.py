@@ -168,7 +168,7 @@ async def test_an_analysis_waits_for_the_model_to_be_idle_then_is_recorded_and_p
         await analyser.idle.wait()
     (request,) = runtime.requests
     assert request.conversation == "t1" and request.sampling.json_schema == SCHEMA
-    assert request.sampling.temperature == 0.0 and request.messages[-1].role == "user"
+    assert request.sampling.seed == 0 and request.messages[-1].role == "user"
     assert [t.content for t in request.messages[1:3]] == ["Why is the sky blue?", "Rayleigh scattering."]
     ((topic, analysis),) = store.recorded
     assert topic == "t1" and analysis.based_on_message_id == "r1" and analysis.reply_count == 1

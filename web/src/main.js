@@ -32,6 +32,11 @@ const ui = {
   createTopic: $("create-topic-button"),
   topicTitle: $("topic-title"),
   topicModel: $("topic-model"),
+  analysis: $("topic-analysis"),
+  analysisTitle: $("analysis-title"),
+  analysisLanguage: $("analysis-language"),
+  analysisKeywords: $("analysis-keywords"),
+  analysisSummary: $("analysis-summary"),
   messages: $("messages"),
   empty: $("empty-note"),
   notice: $("notice"),
@@ -216,6 +221,7 @@ function renderTopics(topics) {
     const b = el("button", "topic", t.name && t.name !== t.id ? `${t.name} (${t.id})` : t.id);
     b.type = "button";
     b.dataset.topic = t.id;
+    if (t.analysis) b.append(el("span", "about", t.analysis.title)); // what it is about, as its model saw it
     if (t.id === state.topic) b.setAttribute("aria-current", "true");
     b.addEventListener("click", () => { location.hash = `#topic=${encodeURIComponent(t.id)}`; });
     li.append(b);
@@ -274,7 +280,19 @@ async function loadTopicRecord(topic) {
   const rec = state.topicRecord;
   ui.topicModel.textContent = rec ? `answered by ${rec.modelId ?? "no model"}${rec.boundModelId ? " (bound)" : ""}` : "new topic";
   ui.systemPrompt.value = rec?.systemPrompt ?? "";
+  renderAnalysis(rec?.analysis ?? null);
   renderModelSelect();
+}
+
+// A topic's analysis (topics.get's `analysis`, or a topic.analysed event): model output, so text only.
+function renderAnalysis(a) {
+  ui.analysis.hidden = !a;
+  if (!a) return;
+  ui.analysisTitle.textContent = a.title;
+  ui.analysisLanguage.textContent = a.language;
+  ui.analysisKeywords.replaceChildren(...(a.keywords ?? []).map((k) => el("li", "", k)));
+  ui.analysisSummary.textContent = a.summary;
+  ui.analysis.dataset.basedOn = a.basedOnMessageId;
 }
 
 async function createTopic() {
@@ -470,6 +488,11 @@ function onEvent(view, e) {
       renderReply(r);
       setReplyState(r, "failed", text);
       if (!r.modelId) r.node.querySelector(".author").textContent = "lamabus";
+      break;
+    }
+    case "topic.analysed": {
+      // History replays older analyses first; the last one read is the latest.
+      if (view.topic === state.topic) renderAnalysis(e);
       break;
     }
     case "message.rejected": {
