@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any
 
 import anyio
@@ -162,7 +163,7 @@ class LamabusService:
                 self.nc, self.subjects, submit, node_id=s.node_name, partitions=s.partitions,
                 replicas=replicas, lease_ttl=s.lease_ttl, ack_wait=s.ack_wait, duplicate_window=s.duplicate_window,
                 window=s.intake_window, limits=limits,
-                on_partition_left=lambda _p: order.release(intake.owns_topic))
+                on_partition_left=lambda _p: order.release(intake.owns_topic), answerable=self._has_model_files)
         else:
             self.intake = TopicIntake(self.nc, self.subjects, submit, ack_wait=s.ack_wait,
                                       duplicate_window=s.duplicate_window, window=s.intake_window, limits=limits)
@@ -254,6 +255,12 @@ class LamabusService:
                 await self.nc.publish(self.subjects.registry_evt(recorded.stream_id), encode(recorded))
             except Exception:
                 log.warning("could not publish registry event %s", recorded.position, exc_info=True)
+
+    def _has_model_files(self) -> bool:
+        """Whether this node has the file of every live model (a node that lacks one takes no topics while
+        another node has them all: bus/cluster.owners_among)."""
+        assert self.registry is not None
+        return all(os.path.isfile(m.model_path) for m in self.registry.view.live_models())
 
     def _live_nodes(self) -> list[str]:
         return sorted(self.intake.members) if isinstance(self.intake, PartitionedIntake) else []

@@ -113,6 +113,13 @@ def wanted_owner(partition: int, nodes: set[str] | list[str]) -> str:
     return max(nodes, key=lambda n: (_score(n, partition), n))
 
 
+def owners_among(live: set[str], lacking: set[str]) -> set[str]:
+    """The nodes that share the partitions: the live ones that have every live model's file. A node that
+    lacks one would take topics it cannot answer (model_file_missing), so it takes none while another
+    node can; when every live node lacks a file, all of them share the work and say so per message."""
+    return (live - lacking) or live
+
+
 class _Api:
     """JetStream API requests by hand (nats-py 2.16 has no subject_transforms on a stream source)."""
 
@@ -193,7 +200,8 @@ class PartitionedIntake(TopicIntake):
     def __init__(self, nc: Client, subjects: Subjects, submit: Submit, *, node_id: str, partitions: int,
                  replicas: int, lease_ttl: float, ack_wait: float, duplicate_window: float, window: int = 64,
                  batch: int = 32, limits: StreamLimits | None = None, release_timeout: float = 30.0,
-                 on_partition_left: Callable[[int], None] = lambda _p: None) -> None:
+                 on_partition_left: Callable[[int], None] = lambda _p: None,
+                 answerable: Callable[[], bool] = lambda: True) -> None:
         super().__init__(nc, subjects, submit, ack_wait=ack_wait, duplicate_window=duplicate_window, window=window,
                          batch=batch, limits=limits)
         self.node_id = node_id
@@ -204,6 +212,10 @@ class PartitionedIntake(TopicIntake):
         self.release_timeout = release_timeout
         #: Told when this node stops pulling from a partition (given back, or lost).
         self.on_partition_left = on_partition_left
+        #: Whether this node has every live model's file now (looked at every tick).
+        self.answerable = answerable
+        self.lacking: set[str] = set()
+        self._said_lacking = False
         self.stream = work_stream_name(subjects)
         self.members: set[str] = {node_id}
         self.takeovers = 0
@@ -224,8 +236,8 @@ class PartitionedIntake(TopicIntake):
 
     def node_diagnostics(self) -> dict[str, Any]:
         return {"nodeId": self.node_id, "partitions": self.owned, "partitionCount": self.partitions,
-                "members": sorted(self.members), "replicas": self.replicas, "takeovers": self.takeovers,
-                "leaseTtl": self.lease_ttl}
+                "members": sorted(self.members), "lackingModelFiles": sorted(self.lacking),
+                "replicas": self.replicas, "takeovers": self.takeovers, "leaseTtl": self.lease_ttl}
 
     async def waiting_in_stream(self) -> int | None:
         total = 0
@@ -280,17 +292,37 @@ class PartitionedIntake(TopicIntake):
         return kv
 
     async def _live_nodes(self) -> set[str]:
+        """The nodes that share the partitions (:func:`owners_among`); ``lacking`` is updated on the way."""
         assert self._kv is not None
         try:
             keys = await self._kv.keys()
         except nats.js.errors.NoKeysError:
             keys = []
-        return {k[len("node."):] for k in keys if k.startswith("node.")} | {self.node_id}
+        live = {k[len("node."):] for k in keys if k.startswith("node.")} | {self.node_id}
+        self.lacking = {k[len("lacks."):] for k in keys if k.startswith("lacks.")} & live
+        return owners_among(live, self.lacking)
+
+    async def _say_what_we_lack(self, kv: KeyValue) -> None:
+        """``lacks.<node>`` while this node lacks a live model's file (it expires with the node)."""
+        try:
+            lacking = not self.answerable()
+        except Exception:  # a registry that cannot say now: keep what was said
+            lacking = self._said_lacking
+        if lacking:
+            if not self._said_lacking:
+                log.warning("node %s lacks a registered model's file: it takes no topics while another node "
+                            "has them all", self.node_id)
+            await kv.put(f"lacks.{self.node_id}", b"model files")
+        elif self._said_lacking:
+            await kv.delete(f"lacks.{self.node_id}")
+            log.info("node %s has every model file again: it takes its share of the topics", self.node_id)
+        self._said_lacking = lacking
 
     async def _coordinate_once(self) -> None:
         kv = self._kv
         assert kv is not None and self._tg is not None
         await kv.put(f"node.{self.node_id}", json.dumps({"at": time.time()}).encode())
+        await self._say_what_we_lack(kv)
         self.members = await self._live_nodes()
         now = time.monotonic()
         for p in range(self.partitions):
@@ -396,6 +428,9 @@ class PartitionedIntake(TopicIntake):
         self._held.clear()
         with contextlib.suppress(Exception):
             await kv.delete(f"node.{self.node_id}")
+        if self._said_lacking:
+            with contextlib.suppress(Exception):
+                await kv.delete(f"lacks.{self.node_id}")
 
     # -- pulling one partition
 
