@@ -22,6 +22,7 @@ import pytest
 import nats.errors
 from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
+from bench.serve_process import ServeProcess
 from bus.cluster import bucket_name, partition_of, wanted_owner
 from bus.config import Settings
 from bus.publisher import MSG_ID
@@ -29,7 +30,6 @@ from bus.subjects import Subjects
 from handlers.assistant import reply_id_for
 from tests.cluster import NatsCluster
 from tests.conftest import entered_in_own_task
-from tests.test_faults import ServeProcess
 from wire.errors import ErrorCode, LamaError
 from wire.messages import (
     ChatMessage,
@@ -229,8 +229,10 @@ def _config(path: Path, node_id: str, **extra: object) -> Path:
 async def test_a_killed_node_s_topics_are_answered_by_another_once(cluster, nc, tmp_path):
     js = nc.jetstream()
     procs = {
-        "a": ServeProcess(",".join(cluster.urls_from(1)), tmp_path / "a", _config(tmp_path / "a.toml", "a")),
-        "b": ServeProcess(",".join(cluster.urls_from(2)), tmp_path / "b", _config(tmp_path / "b.toml", "b")),
+        "a": ServeProcess(",".join(cluster.urls_from(1)), tmp_path / "a", _config(tmp_path / "a.toml", "a"),
+                          strict=True),
+        "b": ServeProcess(",".join(cluster.urls_from(2)), tmp_path / "b", _config(tmp_path / "b.toml", "b"),
+                          strict=True),
     }
     try:
         for proc in procs.values():
