@@ -149,19 +149,17 @@ async def pull(registry: Registry, ref: str, dest_dir: str | os.PathLike[str] | 
     dest = registry.resolve_import_path(Path(dest_dir).expanduser().resolve() / filename)
     dest.parent.mkdir(parents=True, exist_ok=True)
     expected_sha = entry.sha256 if entry is not None else None
-    if dest.exists():
-        # Already here (an earlier pull, or copied by hand): the import hashes and checks it.
-        return await registry.import_model(dest, name or (entry.name if entry else None),
-                                           generation=entry.generation if entry else None,
-                                           load=entry.load if entry else None,
-                                           provider=entry.source if entry else "url", progress=progress,
-                                           expected_sha256=expected_sha)
-    sha = await download(url, dest, expected_size=entry.size if entry else None, expected_sha256=expected_sha,
-                         progress=progress, retries=retries, timeout=timeout)
-    return await registry._import(dest, name or (entry.name if entry else None),
-                                  generation=entry.generation if entry else None,
-                                  load=entry.load if entry else None,
-                                  provider=entry.source if entry else "url", progress=None, checksum=sha)
+    import_progress = progress
+    if not dest.exists():
+        await download(url, dest, expected_size=entry.size if entry else None, expected_sha256=expected_sha,
+                       progress=progress, retries=retries, timeout=timeout)
+        import_progress = None  # the download counted the bytes once; the import's hashing would count from 0
+    # Downloaded, or already here (an earlier pull, or copied by hand): the import hashes and checks it.
+    return await registry.import_model(dest, name or (entry.name if entry else None),
+                                       generation=entry.generation if entry else None,
+                                       load=entry.load if entry else None,
+                                       provider=entry.source if entry else "url", progress=import_progress,
+                                       expected_sha256=expected_sha)
 
 
 def rich_progress(progress: Any, description: str) -> Callable[[int, int | None], None]:

@@ -4,7 +4,7 @@ The registry hashes a file it imports (its SHA-256 is the model's checksum) in a
 thread. ``pull`` (handlers/catalog.py) downloads one with :func:`download`: aiohttp
 on the event loop, the file writes in a thread; it resumes from ``<file>.part`` with
 an HTTP Range request, asks again from where a dropped connection stopped, checks
-size and SHA-256, and only then moves the file into place.
+the size (and a SHA-256 it was given), and only then moves the file into place.
 """
 
 from __future__ import annotations
@@ -170,12 +170,13 @@ async def _download_once(session: aiohttp.ClientSession, url: str, part: Path, e
 
 
 async def download(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
-                   progress: ProgressCallback | None = None, retries: int = 5, timeout: float = 60.0) -> str:
-    """Download ``url`` to ``dest`` (via ``dest.part``), resuming; returns the SHA-256.
+                   progress: ProgressCallback | None = None, retries: int = 5, timeout: float = 60.0) -> None:
+    """Download ``url`` to ``dest`` (via ``dest.part``), resuming.
 
     A dropped connection, a timeout or a server error is asked again ``retries`` times, each
     time from where the .part file stopped (an HTTP Range request). ``timeout``: seconds to
-    connect, and between two reads. Size and SHA-256 are checked before the file moves into place.
+    connect, and between two reads. The size and, when expected, the SHA-256 are checked before
+    the file moves into place (the import that follows hashes it for its checksum anyway).
     """
     part = dest.with_name(dest.name + ".part")
     last = ""
@@ -205,11 +206,11 @@ async def download(url: str, dest: Path, *, expected_size: int | None = None, ex
     if expected_size is not None and size != expected_size:
         raise LamaError(ErrorCode.MODEL_INVALID, f"{dest.name}: {size} bytes, expected {expected_size}",
                         size=size, expected_size=expected_size)
-    sha = await hash_file(part)
-    if expected_sha256 is not None and sha != expected_sha256.lower():
-        part.unlink()  # a wrong file must not be resumed from next time
-        raise LamaError(ErrorCode.MODEL_INVALID,
-                        f"{dest.name}: SHA-256 {sha} does not match the catalogue's {expected_sha256}",
-                        sha256=sha, expected_sha256=expected_sha256, url=url)
+    if expected_sha256 is not None:
+        sha = await hash_file(part)
+        if sha != expected_sha256.lower():
+            part.unlink()  # a wrong file must not be resumed from next time
+            raise LamaError(ErrorCode.MODEL_INVALID,
+                            f"{dest.name}: SHA-256 {sha} does not match the catalogue's {expected_sha256}",
+                            sha256=sha, expected_sha256=expected_sha256, url=url)
     os.replace(part, dest)
-    return sha
