@@ -96,10 +96,10 @@ class LaneHeld(Exception):
 class LaneOrder:
     """Which topics wait for a message handed back, and which message each waits for.
 
-    A hold ends when that message is acked here, when the registry shows it answered (by any node),
-    when this node stops owning the topic, or after ``max_hold`` seconds (a message that never comes
-    back, e.g. answered by another node with a coded failure): order is then no longer this node's
-    to keep.
+    A hold ends when that message is acked here, when this node stops owning the topic, or after
+    ``max_hold`` seconds (a message that never comes back): order is then no longer this node's to keep.
+    Not when the registry shows the message answered: a reply recorded and not yet published is
+    exactly the case a hold is for.
     """
 
     def __init__(self, *, max_hold: float = 60.0) -> None:
@@ -124,12 +124,12 @@ class LaneOrder:
         for topic in [t for t in self._held if not keep(t)]:
             del self._held[topic]
 
-    def check(self, topic: str, message_id: str, answered: Callable[[str], bool]) -> None:
+    def check(self, topic: str, message_id: str) -> None:
         """Raise :class:`LaneHeld` when ``message_id`` must wait for an earlier message of ``topic``."""
         held = self._held.get(topic)
         if held is None or held[0] == message_id:
             return
-        if answered(held[0]) or time.monotonic() - held[1] > self.max_hold:
+        if time.monotonic() - held[1] > self.max_hold:
             del self._held[topic]
             return
         self.held_back += 1
@@ -190,17 +190,8 @@ class OrderedDirectory:
         self.order = order
 
     async def recorded_reply(self, topic: str, message_id: str) -> RecordedReply | None:
-        answered = self._answered_now(topic)
-        self.order.check(topic, message_id, answered)
+        self.order.check(topic, message_id)
         return await self.inner.recorded_reply(topic, message_id)
-
-    def _answered_now(self, topic: str) -> Callable[[str], bool]:
-        # Only the registry's view as it stands; the gate must not wait on the broker that is failing.
-        view = getattr(getattr(self.inner, "registry", None), "view", None)
-        if view is None:
-            return lambda _message_id: False
-        return lambda message_id: bool(view.has_replied(topic, message_id)
-                                       or view.settled_unanswered(topic, message_id))
 
     async def resolve_model(self, topic: str, requested: str | None) -> ModelRef:
         return await self.inner.resolve_model(topic, requested)

@@ -13,6 +13,7 @@ import pytest
 from bus.lane_order import LaneHeld, LaneOrder, OrderedDirectory, RetryingPublisher
 from handlers.assistant import Assistant, AssistantSettings, reply_id_for
 from tests.test_assistant_unit import FakeDirectory, FakePublisher, FakeRuntime, msg
+from tests.test_cluster_nodes import cluster, nc  # noqa: F401  (fixtures of the cluster test below)
 
 
 class Election(FakePublisher):
@@ -141,20 +142,80 @@ async def test_the_retry_gives_up_within_its_budget():
     assert election.refusals >= 3
 
 
-def test_a_hold_ends_when_its_message_is_answered_elsewhere_or_the_topic_leaves_or_it_is_too_old():
+def test_a_hold_ends_when_its_message_is_settled_or_the_topic_leaves_or_it_is_too_old():
     order = LaneOrder(max_hold=60)
     order.handed_back("t1", "m1")
     order.handed_back("t1", "m2")  # the first one handed back is the one the topic waits for
     with pytest.raises(LaneHeld):
-        order.check("t1", "m2", answered=lambda _: False)
-    order.check("t1", "m1", answered=lambda _: False)  # the one waited for passes
-    order.check("t2", "x", answered=lambda _: False)  # other topics do not wait
-    order.check("t1", "m2", answered=lambda mid: mid == "m1")  # answered by another node: the hold ends
-    assert order.held() == {}
+        order.check("t1", "m2")
+    order.check("t1", "m1")  # the one waited for passes
+    order.check("t2", "x")  # other topics do not wait
+    order.settled("t1", "m2")  # not the one waited for: no change
+    with pytest.raises(LaneHeld):
+        order.check("t1", "m2")
+    order.settled("t1", "m1")
+    order.check("t1", "m2")
     order.handed_back("t1", "m1")
     order.release(keep=lambda topic: topic != "t1")  # this node gave the topic's partition away
     assert order.held() == {}
     order = LaneOrder(max_hold=0.0)
     order.handed_back("t1", "m1")
-    order.check("t1", "m2", answered=lambda _: False)  # a hold too old to keep
+    order.check("t1", "m2")  # a hold too old to keep
     assert order.held() == {}
+
+
+# -- on a real 3-server cluster: the broker's own hand-back and redelivery ---------------------------------
+
+
+class _RefusingUntilHandedBack:
+    """The node's NATS publisher, refusing the reply to one message until the node has handed it back."""
+
+    def __init__(self, inner, order: LaneOrder, topic: str, message_id: str) -> None:
+        self.inner, self.order, self.topic = inner, order, topic
+        self.refused_id = reply_id_for(topic, message_id)
+        self.message_id = message_id
+        self.refusals = 0
+
+    async def token(self, token):
+        await self.inner.token(token)
+
+    async def event(self, event, *, dedup_id, wait=True):
+        await self.inner.event(event, dedup_id=dedup_id, wait=wait)
+
+    async def message(self, message):
+        if message.id == self.refused_id and self.order.held().get(self.topic) != self.message_id:
+            self.refusals += 1
+            raise ConnectionError("no JetStream leader (election under way)")
+        await self.inner.message(message)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+async def test_on_a_cluster_a_reply_handed_back_keeps_its_place(cluster, nc, tmp_path):
+    from tests.test_cluster_nodes import QUICK, chat, check_exactly_once, node, node_settings, post, topic_log
+
+    js = nc.jetstream()
+    async with node(node_settings(cluster, 1, "a", tmp_path)) as a:
+        assert a.assistant is not None and a.lane_order is not None
+        topic = "election"
+        sent = [chat(topic, f"Say the number {i}.", QUICK) for i in range(3)]
+        retrying = a.assistant.publisher
+        assert isinstance(retrying, RetryingPublisher)
+        refusing = retrying.inner = _RefusingUntilHandedBack(retrying.inner, a.lane_order, topic, sent[0].id)
+        for m in sent:
+            await post(js, m)
+        with anyio.fail_after(120):
+            while True:
+                log = await topic_log(js)
+                replied = {e.reply_to for _, e in log if getattr(e, "reply_to", None)}
+                if all(m.id in replied for m in sent) and not a.assistant.stats()["lanes"]:
+                    break
+                await anyio.sleep(0.2)  # polling the stream, with a deadline
+        assert refusals_exceeded_the_retry(refusing, retrying)
+        assert a.lane_order.held_back >= 1  # a later message waited for the one handed back
+        assert a.lane_order.held() == {}
+        check_exactly_once(log, {topic: [m.id for m in sent]})  # once each, replies in posting order
+
+
+def refusals_exceeded_the_retry(refusing: _RefusingUntilHandedBack, retrying: RetryingPublisher) -> bool:
+    return refusing.refusals >= 2 and retrying.retries >= 1
