@@ -206,3 +206,22 @@ async def test_topics_list_and_show_print_the_analysis(service, client, capsys):
     await service.registry.set_topic_analysis("about", False)
     rc, out, _ = await cli(capsys, "topics", "list", *c)
     assert "Baking bread at home (en)" in out  # the last one stays shown; no new ones come
+
+
+async def test_node_flag_asks_the_named_node(service, capsys):
+    c, node = conn(service), service.settings.node_name
+    rc, out, err = await cli(capsys, "models", "load", BUNDLED, "--node", node, *c)
+    assert rc == 0 and f"{BUNDLED} is loaded on node {node}" in out, err
+    diag = await cli_json_plain(capsys, "diagnostics", "--node", node, *c)
+    assert diag["service"]["node"] == node
+    unloaded = await cli_json(capsys, "models", "unload", BUNDLED, "--node", node, *c)
+    assert (unloaded["wasLoaded"], unloaded["node"]) == (True, node)
+    rc, out, err = await cli(capsys, "diagnostics", "--node", "nobody", *c)
+    assert rc == 1 and out == "" and "node nobody is not serving" in err
+
+
+async def cli_json_plain(capsys, *argv: str):
+    """A command that prints JSON without --json (diagnostics)."""
+    rc, out, err = await cli(capsys, *argv)
+    assert rc == 0, err
+    return json.loads(out)
