@@ -471,6 +471,58 @@ def test_thinking_is_shown_apart_and_collapsible(driver, lamabus, model):
                               "tokens": "7", "cached": "16", "queued": "5 ms"}
 
 
+ANALYSIS_JS = """
+const a = document.querySelector('[data-testid="topic-analysis"]');
+return {hidden: a.hidden, title: a.querySelector('[data-testid="analysis-title"]').textContent,
+        language: a.querySelector('[data-testid="analysis-language"]').textContent,
+        keywords: [...a.querySelectorAll('[data-testid="analysis-keywords"] li')].map(li => li.textContent),
+        summary: a.querySelector('[data-testid="analysis-summary"]').textContent,
+        elements: a.querySelectorAll('b, i, script, img').length};
+"""
+
+
+@needs_browser
+@pytest.mark.model
+def test_the_topic_analysis_is_shown_as_text(driver, lamabus, model):
+    """A topic.analysed on the topic (live), and a topic's recorded analysis (topics.get): model output, as text."""
+    from wire.records import TopicAnalysis
+
+    svc = lamabus.svc
+    assert svc is not None and svc.registry is not None
+    topic = new_topic()
+    open_topic(driver, lamabus, topic)
+    assert driver.execute_script(ANALYSIS_JS)["hidden"]
+    event = {"type": "topic.analysed", "topic": topic, "basedOnMessageId": "r-1", "modelId": model["id"],
+             "title": "<b>Bread</b> at home", "keywords": ["bread", "<i>yeast</i>", "oven"],
+             "summary": "How to bake. <script>window.__xss=9</script>", "language": "en", "replyCount": 1,
+             "analysedAt": 0}
+
+    async def publish() -> None:
+        assert svc.nc is not None
+        await svc.nc.jetstream().publish(f"lama.topic.{topic}.evt", json.dumps(event).encode())
+
+    lamabus.call(publish())
+    shown = wait(driver, lambda d: (a := d.execute_script(ANALYSIS_JS)) and not a["hidden"] and a,
+                 "the analysis did not show")
+    assert (shown["title"], shown["language"], shown["keywords"], shown["summary"], shown["elements"]) == (
+        "<b>Bread</b> at home", "en", ["bread", "<i>yeast</i>", "oven"],
+        "How to bake. <script>window.__xss=9</script>", 0)
+    assert driver.execute_script("return window.__xss === undefined")
+
+    recorded = new_topic()
+    lamabus.call(svc.registry.create_topic(recorded))
+    lamabus.call(svc.registry.record_analysis(recorded, TopicAnalysis(
+        title="Sourdough", keywords=("starter", "flour", "water"), summary="Keeping a starter.", language="en",
+        based_on_message_id="r-2", model_id=model["id"], reply_count=1, analysed_at=0)))
+    open_topic(driver, lamabus, recorded)
+    shown = wait(driver, lambda d: (a := d.execute_script(ANALYSIS_JS)) and a["title"] == "Sourdough" and a,
+                 "the recorded analysis did not show")
+    assert not shown["hidden"] and shown["keywords"] == ["starter", "flour", "water"]
+    wait(driver, lambda d: "Sourdough" in d.find_element(
+        By.CSS_SELECTOR, f'[data-testid="topic-list"] [data-topic="{recorded}"]').text,
+         "the topic list does not show the title")
+
+
 @needs_browser
 @pytest.mark.model
 def test_a_rejected_message_is_shown_as_such(driver, lamabus, model):
