@@ -149,17 +149,18 @@ async def pull(registry: Registry, ref: str, dest_dir: str | os.PathLike[str] | 
     dest = registry.resolve_import_path(Path(dest_dir).expanduser().resolve() / filename)
     dest.parent.mkdir(parents=True, exist_ok=True)
     expected_sha = entry.sha256 if entry is not None else None
-    import_progress = progress
+    import_progress, checksum = progress, None
     if not dest.exists():
-        await download(url, dest, expected_size=entry.size if entry else None, expected_sha256=expected_sha,
+        checksum = await download(url, dest, expected_size=entry.size if entry else None, expected_sha256=expected_sha,
                        progress=progress, retries=retries, timeout=timeout)
         import_progress = None  # the download counted the bytes once; the import's hashing would count from 0
-    # Downloaded, or already here (an earlier pull, or copied by hand): the import hashes and checks it.
+    # Already here (an earlier pull, or copied by hand) or downloaded without a known hash: the import
+    # hashes and checks it; a download checked against the catalogue's hash hands that hash on.
     return await registry.import_model(dest, name or (entry.name if entry else None),
                                        generation=entry.generation if entry else None,
                                        load=entry.load if entry else None,
                                        provider=entry.source if entry else "url", progress=import_progress,
-                                       expected_sha256=expected_sha)
+                                       expected_sha256=expected_sha, checksum=checksum)
 
 
 def rich_progress(progress: Any, description: str) -> Callable[[int, int | None], None]:

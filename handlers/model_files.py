@@ -170,13 +170,13 @@ async def _download_once(session: aiohttp.ClientSession, url: str, part: Path, e
 
 
 async def download(url: str, dest: Path, *, expected_size: int | None = None, expected_sha256: str | None = None,
-                   progress: ProgressCallback | None = None, retries: int = 5, timeout: float = 60.0) -> None:
-    """Download ``url`` to ``dest`` (via ``dest.part``), resuming.
+                   progress: ProgressCallback | None = None, retries: int = 5, timeout: float = 60.0) -> str | None:
+    """Download ``url`` to ``dest`` (via ``dest.part``), resuming; the file's SHA-256 when it was checked.
 
     A dropped connection, a timeout or a server error is asked again ``retries`` times, each
     time from where the .part file stopped (an HTTP Range request). ``timeout``: seconds to
     connect, and between two reads. The size and, when expected, the SHA-256 are checked before
-    the file moves into place (the import that follows hashes it for its checksum anyway).
+    the file moves into place; the hash is returned so the import need not read the file again.
     """
     part = dest.with_name(dest.name + ".part")
     last = ""
@@ -206,6 +206,7 @@ async def download(url: str, dest: Path, *, expected_size: int | None = None, ex
     if expected_size is not None and size != expected_size:
         raise LamaError(ErrorCode.MODEL_INVALID, f"{dest.name}: {size} bytes, expected {expected_size}",
                         size=size, expected_size=expected_size)
+    sha = None
     if expected_sha256 is not None:
         sha = await hash_file(part)
         if sha != expected_sha256.lower():
@@ -214,3 +215,4 @@ async def download(url: str, dest: Path, *, expected_size: int | None = None, ex
                             f"{dest.name}: SHA-256 {sha} does not match the catalogue's {expected_sha256}",
                             sha256=sha, expected_sha256=expected_sha256, url=url)
     os.replace(part, dest)
+    return sha

@@ -153,14 +153,16 @@ class Registry:
     async def import_model(self, path: str | os.PathLike[str], name: str | None = None, *,
                            generation: GenerationParams | None = None, load: ModelParams | None = None,
                            provider: str = "local", progress: ProgressCallback | None = None,
-                           expected_sha256: str | None = None) -> LLM:
+                           expected_sha256: str | None = None, checksum: str | None = None) -> LLM:
         """Register a GGUF file from a model directory (repeats: see ``domain.decisions``).
 
-        ``expected_sha256``: refuse (``model_invalid``) a file whose hash differs.
+        ``expected_sha256``: refuse (``model_invalid``) a file whose hash differs. ``checksum``: the
+        file's SHA-256 when the caller has just computed it (a download it verified), so the file is
+        not read twice; None: hashed here.
         """
         resolved = self.resolve_import_path(path)
         return await self._import(resolved, name, generation=generation, load=load, provider=provider,
-                                  progress=progress, expected_sha256=expected_sha256)
+                                  progress=progress, expected_sha256=expected_sha256, checksum=checksum)
 
     async def _read_model_file(self, resolved: Path, checksum: str | None = None, *, name: str,
                                provider: str, creator: str, generation: GenerationParams | None,
@@ -178,12 +180,13 @@ class Registry:
 
     async def _import(self, resolved: Path, name: str | None, *, generation: GenerationParams | None,
                       load: ModelParams | None, provider: str, progress: ProgressCallback | None,
-                      expected_sha256: str | None = None, revive_removed: bool = True) -> LLM:
+                      expected_sha256: str | None = None, checksum: str | None = None,
+                      revive_removed: bool = True) -> LLM:
         display = (name or resolved.stem).strip()
         if not display or len(display) > _MAX_NAME:
             raise LamaError(ErrorCode.BAD_REQUEST, f"model name must be 1..{_MAX_NAME} characters", name=name)
         model_id = slugify(display)
-        event = await self._read_model_file(resolved, name=display, provider=provider, creator=self.creator,
+        event = await self._read_model_file(resolved, checksum, name=display, provider=provider, creator=self.creator,
                                             generation=generation, load=load, progress=progress)
         if expected_sha256 is not None and event.checksum != expected_sha256.lower():
             raise LamaError(ErrorCode.MODEL_INVALID,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import handlers.catalog as catalog
+import handlers.model_files as model_files
 from handlers.catalog import CatalogEntry, pull
 from handlers.registry import Registry
 from tests.test_registry import Clock, write_gguf
@@ -186,9 +187,19 @@ async def test_catalogue_entry_with_known_hash_and_size(registry: Registry, serv
                       generation=GenerationParams(temperature=0.5), load=ModelParams(context_size=1024),
                       aliases=("tm",))
     monkeypatch.setattr(catalog, "KNOWN_MODELS", (entry,))
+    hashed: list[str] = []
+    sha256_file = model_files.sha256_file
+
+    def counting(path, *args, **kwargs):
+        hashed.append(Path(path).name)
+        return sha256_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(model_files, "sha256_file", counting)
     m = await pull(registry, "TM")
     assert (m.id, m.name, m.temperature, m.context_size, m.provider) == (
         "test-model", "Test Model", 0.5, 1024, "huggingface")
+    assert hashed == ["m.gguf.part"]  # checked once, as downloaded; the import takes that hash
+    assert m.checksum == hashlib.sha256(data).hexdigest()
     # A second pull finds the file in place: no request, no new event.
     requests, position = len(server.requests), await registry.store.last_position()
     assert await pull(registry, "test-model") == m
