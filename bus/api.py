@@ -101,6 +101,8 @@ PROGRESS_INTERVAL = 0.1
 
 FORWARD_TIMEOUT = 900.0
 """Seconds a request handed to another node (on a handle it holds) may take: a whole generation."""
+NODE_WATCH_INTERVAL = 1.0
+"""Seconds between two looks at whether the node a request was handed to is still alive."""
 
 
 def _bad(message: str, field: str, **details: Any) -> LamaError:
@@ -185,19 +187,42 @@ class Api:
 
     async def _forward(self, node: str, request: ApiRequest[Any], reply_type: type[Any],
                        timeout: float = FORWARD_TIMEOUT) -> Any:
-        """Ask ``node`` on its own subjects; its coded error is raised here as it came."""
+        """Ask ``node`` on its own subjects; its coded error is raised here as it came. A node that dies
+        while it answers (its heartbeat gone from the cluster's bucket) ends the wait with ``not_found``."""
         spec = endpoint_for(request)
         subject = spec.subject(self._subjects.node_api(node))
-        try:
-            reply = await self.nc.request(subject, encode(request), timeout=timeout)
-        except NoRespondersError:
+        outcome: list[Any] = []
+        with anyio.CancelScope() as watching:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_node, node, watching)
+                try:
+                    outcome.append(await self.nc.request(subject, encode(request), timeout=timeout))
+                except Exception as exc:  # judged below, outside the task group
+                    outcome.append(exc)
+                tg.cancel_scope.cancel()
+        if not outcome:
+            raise LamaError(ErrorCode.NOT_FOUND, f"node {node} stopped while it answered {spec.name}; what it "
+                            "held is gone with it", node=node)
+        reply = outcome[0]
+        if isinstance(reply, NoRespondersError):
             raise LamaError(ErrorCode.NOT_FOUND, f"node {node} is not serving (it stopped, or is not a node of "
-                            "this service); what it held is gone with it", node=node) from None
-        except NatsTimeoutError:
+                            "this service); what it held is gone with it", node=node)
+        if isinstance(reply, NatsTimeoutError):
             raise LamaError(ErrorCode.TIMEOUT, f"node {node} did not answer {spec.name} within {timeout:g}s",
-                            node=node) from None
+                            node=node)
+        if isinstance(reply, Exception):
+            raise reply
         raise_for_error(reply)
         return decode_untrusted(_decoder(reply_type), reply.data)
+
+    async def _watch_node(self, node: str, scope: anyio.CancelScope) -> None:
+        """Cancel ``scope`` once ``node`` is no longer among the live nodes (never on a single node)."""
+        while True:
+            await anyio.sleep(NODE_WATCH_INTERVAL)
+            live = set(self.nodes())
+            if live and node not in live:
+                scope.cancel()
+                return
 
     # ------------------------------------------------------------------ models
 

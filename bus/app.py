@@ -157,7 +157,7 @@ class LamabusService:
             background=self.analyser,
         ))
         limits = StreamLimits(max_age=s.topics_max_age, max_bytes=s.topics_max_bytes)
-        submit = order.submit(self.assistant.submit, directory)
+        submit = order.submit(self.assistant.submit)
         if clustered:
             intake = self.intake = PartitionedIntake(
                 self.nc, self.subjects, submit, node_id=s.node_name, partitions=s.partitions,
@@ -263,12 +263,14 @@ class LamabusService:
         return all(os.path.isfile(m.model_path) for m in self.registry.view.live_models())
 
     def _live_nodes(self) -> list[str]:
-        return sorted(self.intake.members) if isinstance(self.intake, PartitionedIntake) else []
+        return sorted(self.intake.live) if isinstance(self.intake, PartitionedIntake) else []
 
     def _assistant_stats(self) -> dict[str, Any] | None:
         if self.assistant is None:
             return None
         stats = self.assistant.stats()
+        if self.lane_order is not None:  # topics waiting for a reply handed back (bus/lane_order.py)
+            stats["laneOrder"] = self.lane_order.stats()
         if self.analyser is not None:
             stats["analysis"] = self.analyser.stats()
         if isinstance(self.intake, PartitionedIntake):

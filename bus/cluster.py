@@ -217,7 +217,10 @@ class PartitionedIntake(TopicIntake):
         self.lacking: set[str] = set()
         self._said_lacking = False
         self.stream = work_stream_name(subjects)
+        #: The nodes that share the partitions (the live ones with every model file; see owners_among).
         self.members: set[str] = {node_id}
+        #: Every node with a heartbeat in the bucket, this one included.
+        self.live: set[str] = {node_id}
         self.takeovers = 0
         self._held: dict[int, _Held] = {}
         self._kv: KeyValue | None = None
@@ -299,6 +302,7 @@ class PartitionedIntake(TopicIntake):
         except nats.js.errors.NoKeysError:
             keys = []
         live = {k[len("node."):] for k in keys if k.startswith("node.")} | {self.node_id}
+        self.live = live
         self.lacking = {k[len("lacks."):] for k in keys if k.startswith("lacks.")} & live
         return owners_among(live, self.lacking)
 

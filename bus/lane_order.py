@@ -110,6 +110,9 @@ class LaneOrder:
     def held(self) -> dict[str, str]:
         return {topic: message_id for topic, (message_id, _) in self._held.items()}
 
+    def stats(self) -> dict[str, object]:
+        return {"held": self.held(), "heldBack": self.held_back}
+
     def handed_back(self, topic: str, message_id: str) -> None:
         if topic not in self._held:
             self._held[topic] = (message_id, time.monotonic())
@@ -137,13 +140,13 @@ class LaneOrder:
 
     # -- where it plugs in
 
-    def submit(self, inner: Submit, directory: Directory) -> Submit:
+    def submit(self, inner: Submit) -> Submit:
         """The intake's submit: holds a message back, and tracks how each delivery is settled."""
 
         async def submit(message: ChatMessage, delivery: Delivery) -> None:
             tracked = _TrackedDelivery(delivery, self, message)
             try:
-                await directory.recorded_reply(message.topic, message.id)  # only the gate; the assistant asks again
+                self.check(message.topic, message.id)
             except LaneHeld:
                 await delivery.retry_later()  # quietly: nothing failed, it only waits its turn
                 return

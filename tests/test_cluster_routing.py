@@ -141,3 +141,43 @@ async def test_load_diagnostics_and_metrics_name_their_node(cluster, nc, tmp_pat
         bad = await refused(client.call(DiagnosticsGet(), node="a.>", timeout=5))
         assert bad.code is ErrorCode.BAD_REQUEST
 
+
+
+async def test_a_request_handed_to_a_node_that_dies_ends_with_not_found(cluster, nc, tmp_path):
+    """Node b hands a stream on a's handle to a; a is SIGKILLed mid-stream: b's caller hears not_found naming a
+    once a's heartbeat is gone, not after the forward's long timeout."""
+    import time
+
+    from bench.serve_process import ServeProcess
+    from bus.config import Settings
+    from tests.test_cluster_nodes import _config
+
+    a = ServeProcess(",".join(cluster.urls_from(1)), tmp_path / "a", _config(tmp_path / "a.toml", "a"), strict=True)
+    try:
+        await a.start()
+        async with node(node_settings(cluster, 2, "b", tmp_path)) as b:
+            assert b.api is not None and b.intake is not None
+            with anyio.fail_after(30):
+                while "a" not in b.intake.live:  # type: ignore[attr-defined]
+                    await anyio.sleep(0.1)  # b reads a's heartbeat every tick
+            h = await LamabusClient(nc).call(LlmInitialize(model_id=BUNDLED), node="a", timeout=120)
+            stream = await nc.subscribe("stream.doomed")
+            await nc.flush()
+            endless = GenerationParams(max_tokens=2000, temperature=0.0, seed=1, stop=[])
+            failure: list[LamaError] = []
+            async with anyio.create_task_group() as tg:
+                async def doomed() -> None:
+                    failure.append(await refused(b.api.llm_generate_stream(LlmGenerateStream(  # type: ignore[union-attr]
+                        handle=h.handle, prompt="1, 2, 3,", params=endless, subject="stream.doomed",
+                        request_id="doomed"))))
+
+                tg.start_soon(doomed)
+                await stream.next_msg(timeout=120)  # a is generating it
+                await a.kill()
+                killed = time.monotonic()
+            took = time.monotonic() - killed
+            (exc,) = failure
+            assert exc.code is ErrorCode.NOT_FOUND and exc.details["node"] == "a", exc
+            assert took < Settings().lease_ttl + 5
+    finally:
+        await a.aclose()

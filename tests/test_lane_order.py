@@ -87,7 +87,7 @@ async def _run(ordered: bool) -> tuple[list[str], Broker, Election, LaneOrder]:
                 election.over = True  # the message came back after the election: its reply goes out now
         broker = Broker(tg, election_over)
         async with Assistant(ports, runtime, publisher, AssistantSettings(progress_interval=0.05)) as assistant:
-            broker.submit = order.submit(assistant.submit, ports) if ordered else assistant.submit
+            broker.submit = order.submit(assistant.submit) if ordered else assistant.submit
             for m in messages:
                 await broker.deliver(m)
             with anyio.fail_after(10):
