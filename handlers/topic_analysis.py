@@ -6,9 +6,9 @@ from the last analysis, or from the last attempt when that failed: a failure wai
 next ``every`` replies, it is never retried in a loop). Not at all when the service's
 setting or the topic's own switch says so.
 
-Priority: an analysis starts only while its model has no user message accepted and
-unfinished (the assistant tells the analyser as messages come and go, through the
-:class:`handlers.assistant.Background` port), runs one at a time per model, and is
+Priority: an analysis starts only once its model has had no user message accepted and
+unfinished for ``idle_delay`` (the assistant tells the analyser as messages come and go,
+through the :class:`handlers.assistant.Background` port), runs one at a time per model, and is
 cancelled the moment a user message for that model is accepted: the engine drops it at
 its next decode step, so the user's message finds the model as if it were idle. The
 preempted analysis waits for the next idle moment. ``bench/bench_analysis.py`` measures
@@ -87,6 +87,8 @@ class AnalysisSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int = 400
     #: This node's name, on every topic.analysed.
     node_id: str | None = None
+    #: Seconds a model must have been idle before an analysis starts on it.
+    idle_delay: float = 1.0
 
 
 class TopicState(NamedTuple):
@@ -261,6 +263,17 @@ class TopicAnalyser:
             # Bounded: each turn takes one topic off; a preempted one goes back only while users wait,
             # which ends the loop.
             while pending and self._demand.get(model_id, 0) == 0:
+                # The model must stay idle a moment first: in a stream of messages the gaps between two
+                # are milliseconds long, and an analysis started there would only be cancelled again
+                # (each start costs the next message a prompt evaluation step).
+                quiet = anyio.CancelScope()
+                self._running[model_id] = ("", quiet)
+                with quiet:
+                    await anyio.sleep(self.settings.idle_delay)
+                if quiet.cancelled_caught or self._demand.get(model_id, 0) > 0:
+                    # A user's message came (and may have gone again, while this task was not looking:
+                    # the loop's condition decides, so that no idle moment is lost).
+                    continue
                 topic = next(iter(pending))
                 del pending[topic]
                 scope = anyio.CancelScope()

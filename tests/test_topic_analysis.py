@@ -151,7 +151,7 @@ class AnalysisRuntime:
 @pytest.fixture
 async def analyser_parts():
     store, runtime, pub, outcomes = FakeStore(), AnalysisRuntime(), FakePublisher(), []
-    async with entered_in_own_task(TopicAnalyser(store, runtime, pub, AnalysisSettings(every=2, node_id="n1"),
+    async with entered_in_own_task(TopicAnalyser(store, runtime, pub, AnalysisSettings(every=2, node_id="n1", idle_delay=0.0),
                                                  on_outcome=lambda m, o: outcomes.append((m, o)))) as analyser:
         yield analyser, store, runtime, pub, outcomes
 
@@ -285,3 +285,22 @@ async def test_the_assistant_tells_its_background_as_messages_come_and_go():
     # between the two.
     for topic in ("t1", "t2"):
         assert background.calls.index(("replied", topic, "m1")) < len(background.calls) - 1
+
+
+async def test_an_analysis_waits_for_the_model_to_stay_idle_a_moment():
+    """Messages in a stream leave the model idle for milliseconds between them: no analysis starts there."""
+    store, runtime, pub = FakeStore(), AnalysisRuntime(), FakePublisher()
+    store.states["t1"] = state(1)
+    async with entered_in_own_task(TopicAnalyser(store, runtime, pub,
+                                                 AnalysisSettings(every=2, idle_delay=0.2))) as analyser:
+        analyser.user_waiting("m1")
+        analyser.replied("t1", "m1", "r1")
+        for _ in range(5):  # idle for a few milliseconds at a time, as between the messages of a burst
+            analyser.user_done("m1")
+            await anyio.sleep(0.01)
+            analyser.user_waiting("m1")
+        assert runtime.requests == [] and analyser.running() == {}
+        analyser.user_done("m1")
+        with anyio.fail_after(5):
+            await analyser.idle.wait()
+        assert len(runtime.requests) == 1 and len(store.recorded) == 1
