@@ -304,7 +304,10 @@ class TopicAnalyser:
             with scope:
                 model = await self.store.resolve_model(topic)
                 if model.model_id != model_id and self._demand.get(model.model_id, 0) > 0:
-                    raise _Preempted  # the topic's model is another one, and it is busy
+                    # The topic's model is another one (the reply came from a model the message asked
+                    # for), and that one is busy: it waits for that model's idle moment instead.
+                    self._pending.setdefault(model.model_id, {})[topic] = None
+                    return None
                 history = await self.store.history(topic)
                 request = analysis_request(topic, model, history, self.system_prompt, self.settings.max_tokens)
                 result = await self._generate(model, request)

@@ -99,12 +99,13 @@ class FakeStore:
     def __init__(self) -> None:
         self.states: dict[str, TopicState] = {}
         self.recorded: list[tuple[str, object]] = []
+        self.model_of: dict[str, ModelRef] = {}
 
     def topic_state(self, topic):
         return self.states.get(topic)
 
     async def resolve_model(self, topic):
-        return MODEL
+        return self.model_of.get(topic, MODEL)
 
     async def history(self, topic):
         return [ChatTurn("user", "Why is the sky blue?"), ChatTurn("assistant", "Rayleigh scattering.")]
@@ -304,3 +305,22 @@ async def test_an_analysis_waits_for_the_model_to_stay_idle_a_moment():
         with anyio.fail_after(5):
             await analyser.idle.wait()
         assert len(runtime.requests) == 1 and len(store.recorded) == 1
+
+
+async def test_a_topic_whose_own_model_is_busy_waits_for_that_model(analyser_parts):
+    """The reply came from a model the message asked for (m1); the topic's own model (m2) is the one
+    asked for the analysis, so it is m2's idleness that counts."""
+    analyser, store, runtime, pub, outcomes = analyser_parts
+    m2 = ModelRef(model_id="m2", person_id="ai2", config=ModelConfig(model_path="/y.gguf"))
+    store.states["t1"] = state(1)
+    store.model_of["t1"] = m2
+    analyser.user_waiting("m2")
+    analyser.replied("t1", "m1", "r1")
+    with anyio.fail_after(5):
+        while analyser.stats()["pending"] != {"m2": ["t1"]}:
+            await anyio.sleep(0.01)
+    assert runtime.requests == [] and outcomes == [] and not analyser.idle.is_set()
+    analyser.user_done("m2")
+    with anyio.fail_after(5):
+        await analyser.idle.wait()
+    assert outcomes == [("m2", "completed")] and store.recorded[0][1].model_id == "m2"
