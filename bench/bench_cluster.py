@@ -184,6 +184,22 @@ async def one_kill(nc: nats.NATS, a: ServeProcess, b: ServeProcess, tokens: int,
     return {"killToFirstTokenElsewhere": first_elsewhere, "killToLeasesTaken": leases, "answeredBy": answered_by}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc; its children not included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def idle_cpu(processes: dict[str, int], seconds: float) -> dict[str, float]:
+    """Percent of one core each process used while nothing was asked of the services: what being a node
+    costs by itself (heartbeats, lease renewals, the membership read, each server's share of them)."""
+    before, began = {k: _cpu_seconds(pid) for k, pid in processes.items()}, time.monotonic()
+    await asyncio.sleep(seconds)
+    took = time.monotonic() - began
+    return {k: round(100 * (_cpu_seconds(pid) - before[k]) / took, 2) for k, pid in processes.items()}
+
+
 def _median(runs: list[dict], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -207,6 +223,10 @@ async def run(args: argparse.Namespace) -> dict:
                 # Warm: each side loads the model once before anything is timed.
                 await one_stream(nc, SOLO, f"warm-{uuid.uuid4().hex[:6]}", 8, args.timeout)
                 await one_stream(nc, PAIR, _topic_of("a", {"a", "b"}, "warm"), 8, args.timeout)
+                idle = await idle_cpu({"solo": solo.pid, "a": a.pid, "b": b.pid,
+                                       **{f"nats{n.index}": n.proc.pid for n in cluster.nodes if n.proc}},
+                                      args.idle_seconds)
+                print(f"  idle cpu (% of one core): {idle}", flush=True)
                 streams: dict[str, list[dict]] = {"solo": [], "pair": []}
                 for i in range(args.reps):
                     order = [("solo", SOLO, None), ("pair", PAIR, "a")]
@@ -248,6 +268,9 @@ async def run(args: argparse.Namespace) -> dict:
             "pairEngineTokPerS": _median(streams["pair"], "engineTokPerS"),
             "target": ">= 0.95", "runs": streams,
         },
+        "idleCpu": {"seconds": args.idle_seconds, "percentOfOneCore": idle,
+                    "note": "service processes only (not their engine workers); the 3 nats servers serve both "
+                            "services at once"},
         "failover": {
             "killToFirstTokenElsewhere": _median(kills, "killToFirstTokenElsewhere"),
             "killToLeasesTaken": _median(kills, "killToLeasesTaken"),
@@ -289,7 +312,19 @@ def markdown(results: dict) -> str:
         f"- **SIGKILL of a node mid-reply, to the first token of that reply on the other node: "
         f"{n(fail['killToFirstTokenElsewhere'])} s** (median of {len(fail['runs'])}: {kills} s). From the kill "
         f"to the other node holding the dead node's partitions: {leases} s.\n"
+        + _idle_line(results.get("idleCpu"))
     )
+
+
+def _idle_line(idle: dict | None) -> str:
+    if not idle:
+        return ""
+    cpu = idle["percentOfOneCore"]
+    nats_total = sum(v for k, v in cpu.items() if k.startswith("nats"))
+    return (f"- **Idle, what being a node costs:** over {idle['seconds']:g} s with nothing asked, node a "
+            f"{cpu.get('a')} % and node b {cpu.get('b')} % of one core, against {cpu.get('solo')} % for the single "
+            f"node (service processes, not engine workers). The 3 nats servers, which serve both services, used "
+            f"{nats_total:.1f} % together.\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -299,11 +334,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kills", type=int, default=3, help="SIGKILLs of node a (default 3)")
     p.add_argument("--kill-tokens", type=int, default=200, help="max tokens of the reply that is interrupted")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for any one event")
+    p.add_argument("--idle-seconds", type=float, default=10.0, help="the idle window of the CPU figure")
     p.add_argument("--quick", action="store_true", help="1 rep, 16 tokens, 1 kill (a smoke run)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"where the JSON goes (default {RESULTS})")
     args = p.parse_args(argv)
     if args.quick:
-        args.reps, args.tokens, args.kills, args.kill_tokens = 1, 16, 1, 64
+        args.reps, args.tokens, args.kills, args.kill_tokens, args.idle_seconds = 1, 16, 1, 64, 2.0
     return args
 
 
