@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.bench_cluster              # writes bench/cluster.json
     .venv/bin/python -m bench.bench_cluster --quick      # a smoke run
 
-On a 3-server nats-server cluster (routes on loopback; tests/cluster.py), three ``lamabus serve`` processes:
+On a 3-server nats-server cluster (routes on loopback; bench/nats_cluster.py), three ``lamabus serve`` processes:
 
 * ``solo``: one node, the default single-node service (SQLite registry), prefix ``solo``;
 * ``a`` and ``b``: two nodes of one service (``--registry nats``, prefix ``lama``), on servers 1 and 2.
@@ -49,7 +49,7 @@ from bus.cluster import bucket_name, partition_of, wanted_owner  # noqa: E402
 from bus.config import Settings  # noqa: E402
 from bus.publisher import MSG_ID  # noqa: E402
 from bus.subjects import Subjects  # noqa: E402
-from tests.cluster import NatsCluster  # noqa: E402  (the one loopback cluster harness; the tests use it too)
+from bench.nats_cluster import NatsCluster  # noqa: E402  (the one loopback cluster harness; the tests use it too)
 from wire.messages import (  # noqa: E402
     ChatMessage,
     GenerationCompleted,

@@ -28,7 +28,7 @@ from bus.config import Settings
 from bus.publisher import MSG_ID
 from bus.subjects import Subjects
 from handlers.assistant import reply_id_for
-from tests.cluster import NatsCluster
+from bench.nats_cluster import NatsCluster
 from tests.conftest import entered_in_own_task
 from wire.errors import ErrorCode, LamaError
 from wire.messages import (

@@ -13,7 +13,7 @@ from domain.events import ModelUsed, TopicCreated
 from domain.mapper import Keyed, to_new_event
 from storage.jetstream import JetStreamEventStore
 from storage.store import NO_STREAM
-from tests.cluster import NatsCluster
+from bench.nats_cluster import NatsCluster
 from wire.errors import ErrorCode, LamaError
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""A real nats-server cluster for tests: N processes with JetStream, routes on loopback.
+"""A real nats-server cluster for tests and benches: N processes with JetStream, routes on loopback.
 
     async with NatsCluster(tmp_path / "cluster") as cluster:
         nc = await nats.connect(servers=cluster.urls_from(1))   # server 1 first, the others to fail over to
