@@ -34,7 +34,7 @@ import anyio
 
 from engine.types import ChatTurn
 from handlers.assistant import Delivery
-from handlers.ports import Directory, ModelRef, Publisher, RecordedReply
+from handlers.ports import Directory, HandBack, ModelRef, Publisher, RecordedReply
 from wire.messages import ChatMessage, GenerationCompleted, GenerationToken, TopicEvent
 
 log = logging.getLogger("lamabus.lane_order")
@@ -89,7 +89,7 @@ class RetryingPublisher:
                 delay = min(self.max_delay, delay * 2)
 
 
-class LaneHeld(Exception):
+class LaneHeld(HandBack):
     """The topic waits for an earlier message that was handed back; this one is handed back after it."""
 
 

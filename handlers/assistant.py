@@ -24,7 +24,7 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from engine.types import ChatTurn, GenerateRequest, GenerationResult, TokenChunk
-from handlers.ports import Directory, ModelRef, Publisher, RecordedReply, Runtime
+from handlers.ports import Directory, HandBack, ModelRef, Publisher, RecordedReply, Runtime
 from wire.errors import ErrorCode, LamaError
 from wire.messages import (
     CancelReply,
@@ -266,6 +266,9 @@ class Assistant:
                 lane.current = job
                 try:
                     await self._answer(job)
+                except HandBack as exc:
+                    log.info("%s in %s handed back: %s", job.message.id, topic, exc)
+                    await job.delivery.retry_later()
                 except Exception:
                     # Recording or publishing failed (the broker away, ...): hand the message back,
                     # so it is delivered again and answered then (a recorded reply is re-published

@@ -16,6 +16,11 @@ from wire.messages import ChatMessage, GenerationCompleted, GenerationToken, Top
 from wire.params import GenerationParams, SamplingParams
 
 
+class HandBack(Exception):
+    """Not a failure: this message's turn has not come (an earlier one of its topic is still to be
+    answered); a port raises it to have the message handed back to the broker and answered later."""
+
+
 class ModelRef(msgspec.Struct, frozen=True):
     """A model as the assistant needs it: who it is, how to load it, how it samples."""
 
