@@ -30,6 +30,7 @@ from wire.messages import (
     GenerationStarted,
     GenerationToken,
     MessageRejected,
+    TopicAnalysed,
 )
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -42,8 +43,9 @@ TOPIC_CHANNELS: list[tuple[str, str, list[type], str]] = [
     ("topicTokens", "topic.{topic}.tok", [GenerationToken],
      "The reply as it streams, core NATS only: seq 0, 1, 2, ... with no gaps per request."),
     ("topicEvents", "topic.{topic}.evt",
-     [GenerationStarted, GenerationCompleted, GenerationFailed, GenerationCancelled, MessageRejected],
-     "What happened to each message, durable in LAMA_TOPICS."),
+     [GenerationStarted, GenerationCompleted, GenerationFailed, GenerationCancelled, MessageRejected, TopicAnalysed],
+     "What happened to each message, and the topic's analysis (title, keywords, summary, language) when one is "
+     "made; durable in LAMA_TOPICS."),
     ("rejected", "rejected", [MessageRejected],
      "message.rejected for a message whose subject cannot carry an answer (its topic token is not "
      "publishable: a wildcard, bytes that are not UTF-8, ...)."),
@@ -104,17 +106,21 @@ def asyncapi() -> dict[str, Any]:
         "reply": {"channel": {"$ref": "#/channels/inbox"},
                   "messages": [{"$ref": "#/channels/inbox/messages/CancelReply"},
                                {"$ref": "#/channels/inbox/messages/ErrorBody"}]}}
+    node_id = {"description": "A node's id (--node-id): that node answers, with no queue group in between."}
     for spec in ENDPOINTS:
-        cid = "api." + spec.name
-        channels[cid] = {
-            "address": "{prefix}.api." + spec.name, "parameters": {"prefix": prefix()},
-            "description": spec.description + (" (runs concurrently with other requests)" if spec.concurrent else ""),
-            "messages": msg_refs([spec.request])}
-        operations[spec.name] = {
-            "action": "send", "channel": {"$ref": f"#/channels/{cid}"}, "summary": spec.description,
-            "reply": {"channel": {"$ref": "#/channels/inbox"},
-                      "messages": [{"$ref": f"#/channels/inbox/messages/{spec.reply.__name__}"},
-                                   {"$ref": "#/channels/inbox/messages/ErrorBody"}]}}
+        description = spec.description + (" (runs concurrently with other requests)" if spec.concurrent else "")
+        reply = {"channel": {"$ref": "#/channels/inbox"},
+                 "messages": [{"$ref": f"#/channels/inbox/messages/{spec.reply.__name__}"},
+                              {"$ref": "#/channels/inbox/messages/ErrorBody"}]}
+        for cid, address, params, op, note in (
+                ("api." + spec.name, "{prefix}.api." + spec.name, {"prefix": prefix()}, spec.name, ""),
+                ("api.node." + spec.name, "{prefix}.api.node.{nodeId}." + spec.name,
+                 {"prefix": prefix(), "nodeId": node_id}, spec.name + ".onNode",
+                 " On one named node (several nodes on a cluster).")):
+            channels[cid] = {"address": address, "parameters": params, "description": description + note,
+                             "messages": msg_refs([spec.request])}
+            operations[op] = {"action": "send", "channel": {"$ref": f"#/channels/{cid}"},
+                              "summary": spec.description + note, "reply": reply}
     return {
         "asyncapi": "3.0.0",
         "info": {
