@@ -23,6 +23,8 @@ from domain.events import (
     TopicCreated,
     TopicMessageSeen,
     TopicModelBound,
+    TopicAnalysed,
+    TopicAnalysisSwitched,
     TopicReplyPosted,
     TopicSystemPromptSet,
 )
@@ -52,6 +54,9 @@ def every_event() -> list[DomainEvent]:
         TopicReplyPosted(at=13, message_id="2", reply_to="1", model_id="m", author_id="ai", text="yo",
                          sent_at="2024-01-01T00:00:01Z", thinking="hm", tokens=3, finish_reason="stop",
                          usage=Usage(1, 3, 4), timing=Timing(1.0, 2.0, 1.0, 3.0, 0.5)),
+        TopicAnalysed(at=14, based_on_message_id="2", model_id="m", title="Greetings", keywords=("hi", "yo", "hé"),
+                      summary="Two people say hello.", language="en", reply_count=1),
+        TopicAnalysisSwitched(at=15, enabled=False),
     ]
 
 
