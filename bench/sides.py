@@ -65,6 +65,8 @@ class ServiceProcess:
             'log_level = "warning"\n'
             "keep_alive = 0.0\n"
             "max_concurrent_topics = 8\n"
+            # The peers do no background work; what a topic analysis costs a user is bench_analysis's measure.
+            "analysis = false\n"
         )
         cmd = [*(wrapper or (sys.executable, "-m")), "bus.cli", "serve", "--nats-url", self.nats_url,
                "--data-dir", str(self.data_dir), "--config", str(config)]

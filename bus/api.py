@@ -79,14 +79,15 @@ from wire.api import (
     ModelUnloadReply,
     ModelUpdate,
     Progress,
+    ServiceDiagnostics,
+    TopicAnalysisSet,
     TopicBind,
-    TopicUpdate,
     TopicCreate,
     TopicGet,
     TopicList,
     TopicListReply,
     TopicReply,
-    ServiceDiagnostics,
+    TopicUpdate,
 )
 from wire.decoding import decode_untrusted
 from wire.errors import ErrorCode, LamaError
@@ -288,6 +289,9 @@ class Api:
 
     async def topics_update(self, req: TopicUpdate) -> TopicReply:
         return TopicReply(topic=await self.registry.set_topic_system_prompt(req.topic_id, req.system_prompt))
+
+    async def topics_analysis(self, req: TopicAnalysisSet) -> TopicReply:
+        return TopicReply(topic=await self.registry.set_topic_analysis(req.topic_id, req.enabled))
 
     async def topics_bind(self, req: TopicBind) -> TopicReply:
         return TopicReply(topic=await self.registry.bind_topic(req.topic_id, req.model_id))

@@ -2,7 +2,7 @@
 
     lamabus models list|show|import|pull|update|activate|rm|load|unload
     lamabus catalog
-    lamabus topics create|show|list|bind|prompt
+    lamabus topics create|show|list|bind|prompt|analysis
     lamabus registry events [--from N] [--follow]
     lamabus registry rebuild
     lamabus diagnostics
@@ -268,7 +268,6 @@ def _diagnostics(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
              common: Callable[[argparse.ArgumentParser], None]) -> None:
     from wire.api import (
-    TopicUpdate,
         CatalogList,
         ModelActivate,
         ModelGet,
@@ -278,10 +277,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
         ModelRemove,
         ModelsList,
         ModelUnload,
+        TopicAnalysisSet,
         TopicBind,
         TopicCreate,
         TopicGet,
         TopicList,
+        TopicUpdate,
     )
 
     def leaf(parent: Any, name: str, help: str, run: Runner, *, json_flag: bool = True,
@@ -351,7 +352,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
         lambda a: CatalogList(), _render_catalog))
 
     # -- topics
-    topics = group("topics", "topic rooms: create, show, list, bind, prompt")
+    topics = group("topics", "topic rooms: create, show, list, bind, prompt, analysis")
     p = leaf(topics, "create", "create a topic room", _api(
         lambda a: TopicCreate(topic_id=a.topic_id, name=a.name, model_id=a.model,
                                                created_by=a.created_by, system_prompt=a.system_prompt), _render_topic))
@@ -371,6 +372,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("model_id", metavar="MODEL", nargs="?")
     which.add_argument("--unbind", action="store_true")
+    p = leaf(topics, "analysis", "switch the topic's analysis (title, keywords, summary, language) off or on", _api(
+        lambda a: TopicAnalysisSet(topic_id=a.topic_id, enabled=a.state == "on"), _render_topic))
+    p.add_argument("topic_id", metavar="TOPIC")
+    p.add_argument("state", choices=["on", "off"])
     p = leaf(topics, "prompt", "set the topic's own system prompt, or --clear it", _api(
         lambda a: TopicUpdate(topic_id=a.topic_id, system_prompt=None if a.clear else a.text), _render_topic))
     p.add_argument("topic_id", metavar="TOPIC")

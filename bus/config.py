@@ -67,7 +67,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     keep_alive: Annotated[float, Meta(ge=0)] = 600.0
     #: Topic analysis: each topic's model gives it a title, keywords, a summary and its language, in the
     #: background while the model has no user message to answer (``false``: never, for any topic; one topic
-    #: has its own switch, ``analysisEnabled`` in its record).
+    #: is switched with ``lamabus topics analysis T off``, ``topics.analysis``).
     analysis: bool = True
     #: Replies between two analyses of a topic; the first comes after the topic's first reply.
     analysis_every: Annotated[int, Meta(ge=1, le=100_000)] = 10

@@ -39,8 +39,8 @@ BUNDLED = KNOWN_MODELS[-1].id  # smollm2-135m-instruct
 ENDPOINTS = {
     "models.list", "models.get", "models.import", "models.pull", "models.update", "models.activate",
     "models.remove", "models.load", "models.unload", "catalog.list", "topics.create", "topics.get", "topics.list",
-    "topics.bind", "topics.update", "llm.initialize", "llm.generate", "llm.generate_stream", "llm.cancel", "llm.release",
-    "diagnostics", "metrics",
+    "topics.bind", "topics.update", "topics.analysis", "llm.initialize", "llm.generate", "llm.generate_stream",
+    "llm.cancel", "llm.release", "diagnostics", "metrics",
 }
 """Spelled out once here, on purpose: the table in wire/api.py must not lose or rename one unnoticed."""
 
@@ -82,6 +82,7 @@ BAD_PAYLOADS = [
     ("models.pull", b'{"ref": "x", "progressSubject": "a.>"}', "$.progressSubject"),
     ("topics.create", b'{"topicId": "has space"}', "$.topicId"),
     ("topics.bind", b'{"topicId": "t"}', "$.modelId"),
+    ("topics.analysis", b'{"topicId": "t", "enabled": "no"}', "$.enabled"),
     ("llm.initialize", b"{}", "$.modelId"),
     ("llm.generate", b'{"handle": "h", "messages": [{"role": "robot", "content": "x"}]}', "$.messages[0].role"),
     ("llm.generate_stream", b'{"handle": "h", "prompt": "x", "subject": "$JS.API.INFO"}', "$.subject"),

@@ -203,9 +203,13 @@ async def test_topics_list_and_show_print_the_analysis(service, client, capsys):
     shown = await cli_json(capsys, "topics", "show", "about", *c)
     assert shown["topic"]["analysis"]["keywords"] == ["bread", "yeast", "oven"]
     assert shown["topic"]["analysisEnabled"] is True
-    await service.registry.set_topic_analysis("about", False)
+    off = await cli_json(capsys, "topics", "analysis", "about", "off", *c)
+    assert off["topic"]["analysisEnabled"] is False and not service.registry.view.topics["about"].analysis_enabled
     rc, out, _ = await cli(capsys, "topics", "list", *c)
     assert "Baking bread at home (en)" in out  # the last one stays shown; no new ones come
+    assert (await cli_json(capsys, "topics", "analysis", "about", "on", *c))["topic"]["analysisEnabled"] is True
+    rc, _, err = await cli(capsys, "topics", "analysis", "bad topic", "off", *c)
+    assert rc == 1 and "error [bad_request]" in err
 
 
 async def test_node_flag_asks_the_named_node(service, capsys):

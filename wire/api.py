@@ -215,6 +215,13 @@ class TopicUpdate(ApiRequest["TopicReply"], tag="topics.update"):
     """Required; null drops the topic's own prompt (its model's, else the default, applies)."""
 
 
+class TopicAnalysisSet(ApiRequest["TopicReply"], tag="topics.analysis"):
+    topic_id: TopicId
+    enabled: bool
+    """False: this topic is never analysed (title, keywords, summary, language); true: as the service's
+    ``analysis`` setting says."""
+
+
 class TopicReply(_Reply, tag="topic"):
     topic: TopicRecord
 
@@ -439,6 +446,7 @@ ENDPOINTS: tuple[EndpointSpec, ...] = (
     EndpointSpec(TopicList, TopicListReply, "every topic"),
     EndpointSpec(TopicBind, TopicReply, "bind a topic to a model (null: follow the active one)"),
     EndpointSpec(TopicUpdate, TopicReply, "set or clear the topic's system prompt"),
+    EndpointSpec(TopicAnalysisSet, TopicReply, "switch the topic's analysis off or on"),
     EndpointSpec(LlmInitialize, LlmHandle, "load a model, get an opaque handle", concurrent=True),
     EndpointSpec(LlmGenerate, LlmResult, "generate; reply with the result", concurrent=True),
     EndpointSpec(LlmGenerateStream, LlmResult, "generate, publishing each chunk on the caller's subject",
