@@ -5,6 +5,7 @@ Knows nothing of NATS or SQLite. See ``engine.runtime.Engine`` for the one API.
 Modules:
 
 * ``runtime``  - ``Engine``: handles, refcounted models, worker supervision, restarts, diagnostics.
+* ``worker_process`` - the parent's side of one worker: start it, send commands, read its frames, notice death.
 * ``worker``   - ``python -m engine.worker``: one model + one context per process; the admit/decode/sample loop.
 * ``binding``  - the worker's llama.cpp binding: load, vocabulary, chat template, samplers, batch decode.
 * ``scheduler``- sequence slots (pure): prefix reuse, consecutive running ids, what each decode step holds.
