@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 
 from bus.config import Settings
 from bus.replay_fold import (
+    AnalysedEntry,
     CancelledEntry,
     CompletedEntry,
     Conversation,
@@ -44,8 +45,8 @@ from bus.replay_reader import Idle, Record, read, records
 from wire.errors import ErrorCode, LamaError
 
 # The names callers (the CLI, the tests, the soak) import from here.
-__all__ = ["CancelledEntry", "CompletedEntry", "Entry", "FailedEntry", "MessageEntry", "Record", "RejectedEntry",
-           "ReplyEntry", "StartedEntry", "UnreadableEntry", "entry_json", "format_entry", "parse_since", "records",
+__all__ = ["AnalysedEntry", "CancelledEntry", "CompletedEntry", "Entry", "FailedEntry", "MessageEntry", "Record",
+           "RejectedEntry", "ReplyEntry", "StartedEntry", "UnreadableEntry", "entry_json", "format_entry", "parse_since", "records",
            "register", "replay"]
 
 

@@ -25,6 +25,7 @@ from wire.messages import (
     GenerationStarted,
     GenerationToken,
     MessageRejected,
+    TopicAnalysed,
 )
 
 
@@ -93,6 +94,10 @@ class RejectedEntry(_Entry, tag="rejected"):
     event: MessageRejected
 
 
+class AnalysedEntry(_Entry, tag="analysed"):
+    event: TopicAnalysed
+
+
 class UnreadableEntry(_Entry, tag="unreadable"):
     """A stored record that is not a valid topic payload (lamabus rejected it when it came)."""
 
@@ -102,7 +107,7 @@ class UnreadableEntry(_Entry, tag="unreadable"):
 
 
 Entry = Union[MessageEntry, ReplyEntry, CompletedEntry, StartedEntry, FailedEntry, CancelledEntry, RejectedEntry,
-              UnreadableEntry]
+              AnalysedEntry, UnreadableEntry]
 
 
 @dataclass(eq=False)
@@ -170,6 +175,8 @@ class Conversation:
                 return self._add(CancelledEntry(**base, event=event))
             case MessageRejected():
                 return self._add(RejectedEntry(**base, event=event))
+            case TopicAnalysed():
+                return self._add(AnalysedEntry(**base, event=event))
             case GenerationToken():
                 return []  # tokens are never stored; nothing to show if one were
         return []

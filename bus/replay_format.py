@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import msgspec
 
 from bus.replay_fold import (
+    AnalysedEntry,
     CancelledEntry,
     CompletedEntry,
     Entry,
@@ -82,6 +83,9 @@ def format_entry(entry: Entry) -> str | None:
         case RejectedEntry(event=e):
             which = f" message {e.message_id}" if e.message_id else ""
             return f"{head}  ! rejected{which}: {e.error.code.value}: {e.error.message}"
+        case AnalysedEntry(event=a):
+            return (f"{head}  = analysed after {a.based_on_message_id} ({a.model_id}, {a.language}): {a.title!r}; "
+                    f"keywords {', '.join(a.keywords)}; {_indent(a.summary)}")
         case UnreadableEntry():
             return f"{head}  ? unreadable record on {entry.subject}: {entry.error}"
     return None

@@ -14,6 +14,7 @@ from bus.cli import main
 from bus.intake import ensure_topics_stream
 from bus.publisher import MSG_ID
 from bus.replay import (
+    AnalysedEntry,
     CancelledEntry,
     CompletedEntry,
     FailedEntry,
@@ -37,6 +38,7 @@ from wire.messages import (
     GenerationStarted,
     MessageRejected,
     Timing,
+    TopicAnalysed,
     Usage,
     encode,
 )
@@ -107,10 +109,13 @@ async def test_conversation_joins_replies_with_their_completion(js):
     await put(js, b'{"type":"chat.message","id":"bad1","topic":"demo"}', topic="demo")
     await put(js, MessageRejected(topic="demo", error=ErrorBody(ErrorCode.BAD_REQUEST, "missing authorId"),
                                   message_id="bad1"))
+    await put(js, TopicAnalysed(topic="demo", based_on_message_id="r1", model_id=MODEL, title="Small sums",
+                                keywords=["math", "addition", "numbers"], summary="Alice asks what 2+2 is.",
+                                language="en", reply_count=1, analysed_at=1))
     entries = await collect(js)
     kinds = [type(e) for e in entries]
     assert kinds == [MessageEntry, StartedEntry, ReplyEntry, MessageEntry, FailedEntry, MessageEntry, CancelledEntry,
-                     UnreadableEntry, RejectedEntry]
+                     UnreadableEntry, RejectedEntry, AnalysedEntry]
     assert [e.seq for e in entries] == sorted(e.seq for e in entries)
     reply = entries[2]
     assert reply.message.id == "r1" and reply.reply_to == "m1" and reply.text == "4" and reply.model_id == MODEL
@@ -125,6 +130,8 @@ async def test_conversation_joins_replies_with_their_completion(js):
     assert "~ cancelled [re m3] after 2 tokens: 'Partial'" in text
     assert "! rejected message bad1: bad_request: missing authorId" in text
     assert "? unreadable record on lama.topic.demo.msg" in text
+    assert ("= analysed after r1 (smollm2-135m-instruct, en): 'Small sums'; keywords math, addition, numbers; "
+            "Alice asks what 2+2 is.") in text
 
 
 async def test_republished_copies_are_shown_once_but_counted_as_records(js):
