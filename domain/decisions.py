@@ -25,6 +25,7 @@ Rules worth knowing:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 import msgspec
@@ -50,7 +51,7 @@ from domain.events import (
     topic_stream,
 )
 from domain.mapper import Append, Keyed
-from domain.projections import Projections, model_not_found
+from domain.projections import Projections, TopicRoom, model_not_found
 from wire.errors import ErrorCode, LamaError, stream_conflict
 from wire.messages import ChatMessage, GenerationCompleted, valid_topic_id
 from wire.params import GenerationParams, ModelParams
@@ -196,16 +197,23 @@ def ensure_topic(view: Projections, topic_id: str, at: int, created_by: str | No
     return [Append(topic_stream(topic_id), [TopicCreated(at=at, created_by=created_by)], NO_STREAM)]
 
 
+def _set_on_topic(view: Projections, topic_id: str, event: DomainEvent, already: Callable[[TopicRoom], bool],
+                  at: int) -> Decision:
+    """One setting of a topic's room: the room is created with it if there is none; nothing when
+    ``already(room)`` says the room has it; else ``event``, fenced by the room's version."""
+    room = view.topics.get(topic_id)
+    if room is None:
+        return [Append(topic_stream(topic_id), [TopicCreated(at=at), event], NO_STREAM)]
+    if already(room):
+        return None
+    return [Append(topic_stream(topic_id), [event], room.version)]
+
+
 def set_topic_system_prompt(view: Projections, topic_id: str, system_prompt: str | None, at: int) -> Decision:
     """The topic's own system prompt, over its model's (creating the room if needed)."""
     check_topic(topic_id)
-    room = view.topics.get(topic_id)
-    event = TopicSystemPromptSet(at=at, system_prompt=system_prompt)
-    if room is None:
-        return [Append(topic_stream(topic_id), [TopicCreated(at=at), event], NO_STREAM)]
-    if room.system_prompt == system_prompt:
-        return None
-    return [Append(topic_stream(topic_id), [event], room.version)]
+    return _set_on_topic(view, topic_id, TopicSystemPromptSet(at=at, system_prompt=system_prompt),
+                         lambda room: room.system_prompt == system_prompt, at)
 
 
 def bind_topic(view: Projections, topic_id: str, model_id: str | None, at: int) -> Decision:
@@ -213,25 +221,15 @@ def bind_topic(view: Projections, topic_id: str, model_id: str | None, at: int) 
     check_topic(topic_id)
     if model_id is not None:
         view.live_model(model_id)
-    room = view.topics.get(topic_id)
-    if room is None:
-        return [Append(topic_stream(topic_id), [TopicCreated(at=at), TopicModelBound(at=at, model_id=model_id)],
-                       NO_STREAM)]
-    if room.model_id == model_id:
-        return None
-    return [Append(topic_stream(topic_id), [TopicModelBound(at=at, model_id=model_id)], room.version)]
+    return _set_on_topic(view, topic_id, TopicModelBound(at=at, model_id=model_id),
+                         lambda room: room.model_id == model_id, at)
 
 
 def set_topic_analysis(view: Projections, topic_id: str, enabled: bool, at: int) -> Decision:
     """The topic's own analysis switch (creating the room if needed)."""
     check_topic(topic_id)
-    room = view.topics.get(topic_id)
-    event = TopicAnalysisSwitched(at=at, enabled=enabled)
-    if room is None:
-        return [Append(topic_stream(topic_id), [TopicCreated(at=at), event], NO_STREAM)]
-    if room.analysis_enabled == enabled:
-        return None
-    return [Append(topic_stream(topic_id), [event], room.version)]
+    return _set_on_topic(view, topic_id, TopicAnalysisSwitched(at=at, enabled=enabled),
+                         lambda room: room.analysis_enabled == enabled, at)
 
 
 def record_analysis(view: Projections, topic_id: str, analysis: TopicAnalysis, at: int) -> Decision:

@@ -211,10 +211,7 @@ class Engine:
     def _validate_request(request: GenerateRequest) -> GenerateRequest:
         if not isinstance(request, GenerateRequest):
             raise LamaError(ErrorCode.BAD_REQUEST, "request must be a GenerateRequest", field="request")
-        s = request.sampling
-        if s.grammar is not None and s.json_schema is not None:
-            raise LamaError(ErrorCode.BAD_REQUEST, "give params.grammar or params.jsonSchema, not both",
-                            field="params.grammar")
+        _one_constraint(request.sampling)
         try:
             _sampling_decoder.decode(_json.encode(request.sampling))
         except msgspec.ValidationError as exc:
@@ -285,9 +282,7 @@ class Engine:
         model = self._model_for(handle)
         if sampling.grammar is None and sampling.json_schema is None:
             return
-        if sampling.grammar is not None and sampling.json_schema is not None:
-            raise LamaError(ErrorCode.BAD_REQUEST, "give params.grammar or params.jsonSchema, not both",
-                            field="params.grammar")
+        _one_constraint(sampling)
         worker = await self._live_worker(model)
         st = worker.check(sampling)
         try:
@@ -374,6 +369,12 @@ class Engine:
             "build": build,
             "memoryAvailable": msgspec.to_builtins(self._memory_probe()),
         }
+
+
+def _one_constraint(sampling: SamplingParams) -> None:
+    if sampling.grammar is not None and sampling.json_schema is not None:
+        raise LamaError(ErrorCode.BAD_REQUEST, "give params.grammar or params.jsonSchema, not both",
+                        field="params.grammar")
 
 
 def _rss(pid: int | None) -> int | None:

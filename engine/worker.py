@@ -54,6 +54,7 @@ from engine.text import TextPipeline
 from engine.types import GenerateRequest, GenerationResult
 from wire.errors import ErrorCode, LamaError
 from wire.messages import Timing, Usage
+from wire.params import SamplingParams
 
 __all__ = ["Worker", "check_build", "main"]  # check_build: callers knew it here before engine/binding.py
 
@@ -171,30 +172,31 @@ class Worker:
         s = g.req.sampling
         if s.grammar is not None or s.json_schema is not None:
             # Compiled on arrival, not when a slot frees up: a bad grammar fails at once.
-            try:
-                g.grammar, g.gchain = self.llama.make_grammar(s)
-            except LamaError as exc:
-                self.emit(Failed(g.gid, exc.code.value, exc.message, exc.details))
+            compiled = self._compile_grammar(g.gid, s)
+            if compiled is None:
                 return
-            except Exception as exc:
-                self.emit(Failed(g.gid, ErrorCode.INTERNAL.value, f"grammar setup failed: {exc!r}"))
-                return
+            g.grammar, g.gchain = compiled
         self.waiting.append(g)
 
     def check(self, cmd: Check) -> None:
         if self.sched is None:
             self.emit(Failed(cmd.gid, ErrorCode.INTERNAL.value, "no model is loaded in this worker"))
             return
-        try:
-            _, chain = self.llama.make_grammar(cmd.sampling)
-        except LamaError as exc:
-            self.emit(Failed(cmd.gid, exc.code.value, exc.message, exc.details))
+        compiled = self._compile_grammar(cmd.gid, cmd.sampling)
+        if compiled is None:
             return
-        except Exception as exc:
-            self.emit(Failed(cmd.gid, ErrorCode.INTERNAL.value, f"grammar setup failed: {exc!r}"))
-            return
-        self.llama.free_sampler(chain)  # and the grammar it owns
+        self.llama.free_sampler(compiled[1])  # and the grammar it owns
         self.emit(Checked(cmd.gid))
+
+    def _compile_grammar(self, gid: int, sampling: SamplingParams) -> tuple[Any, Any] | None:
+        """``make_grammar``'s (grammar, sampler chain), or None after emitting why generation ``gid`` fails."""
+        try:
+            return self.llama.make_grammar(sampling)
+        except LamaError as exc:
+            self.emit(Failed(gid, exc.code.value, exc.message, exc.details))
+        except Exception as exc:
+            self.emit(Failed(gid, ErrorCode.INTERNAL.value, f"grammar setup failed: {exc!r}"))
+        return None
 
     def load(self, cmd: Load) -> None:
         t0 = time.perf_counter()

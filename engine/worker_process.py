@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,21 +149,18 @@ class WorkerProcess:
         return True
 
     def submit(self, request: GenerateRequest) -> GenState:
-        gid = self.next_gid
-        self.next_gid += 1
-        st = GenState(gid, request.request_id)
-        self.gens[gid] = st
-        if not self.send(Generate(gid, request)):
-            del self.gens[gid]
-            st.queue.put_nowait(WorkerDied(self._death_error(), False))
-        return st
+        return self._start(request.request_id, lambda gid: Generate(gid, request))
 
     def check(self, sampling: SamplingParams) -> GenState:
+        return self._start("", lambda gid: Check(gid, sampling))
+
+    def _start(self, request_id: str, command: Callable[[int], msgspec.Struct]) -> GenState:
+        """A new generation id and its queue; when the command cannot be sent, the queue says why at once."""
         gid = self.next_gid
         self.next_gid += 1
-        st = GenState(gid, "")
+        st = GenState(gid, request_id)
         self.gens[gid] = st
-        if not self.send(Check(gid, sampling)):
+        if not self.send(command(gid)):
             del self.gens[gid]
             st.queue.put_nowait(WorkerDied(self._death_error(), False))
         return st
