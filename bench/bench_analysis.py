@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 import anyio  # noqa: E402
 
-from bus.app import LamabusService  # noqa: E402
+from bus.node.app import LamabusService  # noqa: E402
 from bus.client import LamabusClient  # noqa: E402
 from bus.config import Settings  # noqa: E402
 from wire.messages import GenerationCompleted, GenerationToken  # noqa: E402

@@ -5,7 +5,7 @@ figures and writes docs/benchmarks.md and bench/results.json.
 
 Set-up, all on this machine:
 
-* the broker: an :class:`~bus.embedded.EmbeddedNatsServer` (a real nats-server,
+* the broker: an :class:`~bus.broker.embedded.EmbeddedNatsServer` (a real nats-server,
   JetStream on, port 0), owned by this process;
 * lamabus: a SUBPROCESS ``python -m bus.cli serve --nats-url URL --data-dir TMP``
   with the bundled model, so its CPU and memory are its own (RSS is read from
@@ -73,7 +73,7 @@ from bench.report import missed_targets  # noqa: E402
 from bench.sampling import CpuMeter, RssSampler, load_average, machine_info, status_kb  # noqa: E402
 from bench.sides import BusSide, DirectSide, RawSide, ServiceProcess, wait_ready  # noqa: E402
 from bench.workload import BusBenchConfig, bundled_model, chat, essay, greedy  # noqa: E402
-from bus.embedded import EmbeddedNatsServer  # noqa: E402
+from bus.broker.embedded import EmbeddedNatsServer  # noqa: E402
 
 # What bench/__main__.py takes from here.
 __all__ = ["BusBench", "BusBenchConfig", "bundled_model", "run"]

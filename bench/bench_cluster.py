@@ -45,9 +45,9 @@ if str(ROOT) not in sys.path:
 import nats  # noqa: E402
 
 from bench.serve_process import ServeProcess  # noqa: E402
-from bus.cluster import bucket_name, partition_of, wanted_owner  # noqa: E402
+from bus.node.cluster import bucket_name, partition_of, wanted_owner  # noqa: E402
 from bus.config import Settings  # noqa: E402
-from bus.publisher import MSG_ID  # noqa: E402
+from bus.node.publisher import MSG_ID  # noqa: E402
 from bus.subjects import Subjects  # noqa: E402
 from bench.nats_cluster import NatsCluster  # noqa: E402  (the one loopback cluster harness; the tests use it too)
 from wire.messages import (  # noqa: E402

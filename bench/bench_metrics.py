@@ -45,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from bench.sides import BusSide, ServiceProcess, wait_ready  # noqa: E402
 from bench.workload import essay, greedy  # noqa: E402
-from bus.embedded import EmbeddedNatsServer  # noqa: E402
+from bus.broker.embedded import EmbeddedNatsServer  # noqa: E402
 from handlers.metrics import ServiceMetrics  # noqa: E402
 from wire.messages import GenerationStarted, GenerationToken  # noqa: E402
 

@@ -49,7 +49,7 @@ from domain.events import (  # noqa: E402
     TopicMessageSeen,
     TopicReplyPosted,
 )
-from bus.embedded import EmbeddedNatsServer  # noqa: E402
+from bus.broker.embedded import EmbeddedNatsServer  # noqa: E402
 from domain.mapper import Keyed, to_new_event  # noqa: E402
 from domain.projections import Projections  # noqa: E402
 from storage.sqlite import SqliteEventStore  # noqa: E402

@@ -29,7 +29,7 @@ from types import TracebackType
 import nats
 import nats.errors
 
-from bus.embedded import nats_server_binary, terminate
+from bus.broker.embedded import nats_server_binary, terminate
 
 HOST = "127.0.0.1"
 

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.soak --quick         # smoke run (a few minutes)
     .venv/bin/python -m bench.soak --parts hostile,burst --json /tmp/soak.json
 
-Everything runs on loopback: each part starts its own nats-server (bus.embedded, a free port,
+Everything runs on loopback: each part starts its own nats-server (bus.broker.embedded, a free port,
 its own store) and ``lamabus serve --nats-url`` as a subprocess with its own data directory,
 and every wait has a deadline. A part that reaches its time bound stops and reports how far it
 got (``reached`` of ``planned``, ``bounded: true``). The parts:

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from bench.soak_rig import ONE_TOKEN, PREFIX, S, Rig, chat, counter, exactly_once, timing_figures
-from bus.intake import CONSUMER
-from bus.publisher import MSG_ID
+from bus.node.intake import CONSUMER
+from bus.node.publisher import MSG_ID
 from wire.errors import LamaError
 from wire.messages import (
     ChatMessage,

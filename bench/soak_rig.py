@@ -17,11 +17,11 @@ from typing import Any
 import msgspec
 
 from bench.serve_process import ServeProcess
-from bus.connection import connect
-from bus.embedded import EmbeddedNatsServer
-from bus.intake import CONSUMER
-from bus.publisher import MSG_ID
-from bus.replay import records
+from bus.broker.connection import connect
+from bus.broker.embedded import EmbeddedNatsServer
+from bus.node.intake import CONSUMER
+from bus.node.publisher import MSG_ID
+from bus.replay.command import records
 from bus.subjects import Subjects
 from wire.identity import person_id_for
 from wire.messages import (
@@ -77,7 +77,7 @@ class Rig:
         self.nc = await connect(url, name="soak-observer")
         self.js = self.nc.jetstream()
         # "lamabus ready" is logged before the client has flushed the API's SUBs to the broker
-        # (bus/app.py): a request at once can meet "no responders". Wait until PING answers.
+        # (bus/node/app.py): a request at once can meet "no responders". Wait until PING answers.
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -23,8 +23,8 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
-from bus.connection import connect
-from bus.publisher import MSG_ID
+from bus.broker.connection import connect
+from bus.node.publisher import MSG_ID
 from bus.subjects import Subjects
 from wire.api import ApiRequest, endpoint_for
 from wire.decoding import decode_untrusted

@@ -130,7 +130,11 @@ class Worker:
         threading.Thread(target=self.reader, name="engine-worker-reader", daemon=True).start()
         try:
             while True:
-                if not self.active:
+                if not self.active and not self.waiting:
+                    # Block only when there is nothing to do: requests left waiting when every
+                    # running sequence ended in the same step must be admitted now, not when
+                    # some unrelated command happens to arrive. With nothing active, admit()
+                    # always starts or refuses at least one waiting request, so this never spins.
                     cmd = self.commands.get()
                     if not self.handle(cmd):
                         return 0

@@ -19,7 +19,7 @@ class RegistryDirectory:
     It reads the registry's view as it stands, without a trip to SQLite per look-up:
     everything this process writes is in the view when the write returns, and the
     service applies other processes' writes as the store's follower sees them
-    (``bus.app``). Decisions that must not act on a stale view (recording a reply)
+    (``bus.node.app``). Decisions that must not act on a stale view (recording a reply)
     catch up inside the registry's own write path.
     """
 

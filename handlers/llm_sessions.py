@@ -4,7 +4,7 @@ as sessions over the engine, with opaque handles.
 Handles made here are this module's own: ``generate`` and ``release`` accept only
 those, never the handles the models runtime holds for the assistant. With a node id
 (several nodes on a cluster), a handle is ``<nodeId>:<engine handle>``: it names the
-node whose engine holds it, and bus/api.py hands a request on it to that node. The
+node whose engine holds it, and bus/node/api.py hands a request on it to that node. The
 bus layer only decodes requests, routes them and publishes a stream's chunks.
 """
 

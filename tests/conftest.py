@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bus.embedded import EmbeddedNatsServer
+from bus.broker.embedded import EmbeddedNatsServer
 
 
 def bundled_model_path() -> Path:
@@ -84,7 +84,7 @@ async def entered_in_own_task(cm):
 @pytest.fixture
 async def service(settings):
     """The whole lamabus service on the test's own nats-server and a fresh data dir."""
-    from bus.app import LamabusService
+    from bus.node.app import LamabusService
 
     async with entered_in_own_task(LamabusService(settings)) as svc:
         yield svc

@@ -1,4 +1,4 @@
-"""bus/service.py's boundary on a real nats-server: error replies, field paths, concurrent endpoints."""
+"""bus/node/service.py's boundary on a real nats-server: error replies, field paths, concurrent endpoints."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import nats
 import pytest
 
 from bus.client import raise_for_error
-from bus.service import ERROR_COUNTS, Endpoint, boundary, start_service
+from bus.node.service import ERROR_COUNTS, Endpoint, boundary, start_service
 from wire.errors import ErrorCode, LamaError
 
 PREFIX = "t.api"

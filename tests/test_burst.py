@@ -11,10 +11,10 @@ from datetime import datetime, timezone
 import anyio
 import pytest
 
-from bus.app import LamabusService
+from bus.node.app import LamabusService
 from bus.client import LamabusClient
 from bus.config import Settings
-from bus.intake import CONSUMER
+from bus.node.intake import CONSUMER
 from tests.conftest import entered_in_own_task
 from wire.messages import ChatMessage, GenerationCompleted, GenerationFailed, decode_topic_event
 from wire.params import GenerationParams

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import anyio
 import pytest
 
-from bus.app import LamabusService
+from bus.node.app import LamabusService
 from bus.client import LamabusClient
 from bus.config import Settings
 from tests.conftest import entered_in_own_task

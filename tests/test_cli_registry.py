@@ -1,4 +1,4 @@
-"""The admin CLI (bus/cli_registry.py) against a running service: tables for people, --json for scripts."""
+"""The admin CLI (bus/cli/registry.py) against a running service: tables for people, --json for scripts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import anyio
 import pytest
 
-from bus.cli import main
+from bus.cli.main import main
 from tests.test_api import BUNDLED, tiny_gguf
 from wire.api import DiagnosticsGet, ModelImport, TopicCreate
 

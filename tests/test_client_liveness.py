@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 from nats.aio.client import Client
 
-from bus.connection import connect, wait_until_deaf
+from bus.broker.connection import connect, wait_until_deaf
 from bench.hostile import RawPublisher
 
 

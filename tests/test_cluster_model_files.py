@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from bus.cluster import owners_among
+from bus.node.cluster import owners_among
 from tests.conftest import entered_in_own_task
 from tests.test_cluster_nodes import (  # noqa: F401  (fixtures)
     PARTITIONS,
@@ -33,7 +33,7 @@ def test_owners_are_the_nodes_with_every_file_or_all_when_none_has_them():
 @contextlib.asynccontextmanager
 async def node_lacking_files(settings, lacks: list[bool]):
     """A node whose model files are present when ``lacks[0]`` is false (the test flips it)."""
-    from bus.app import LamabusService
+    from bus.node.app import LamabusService
 
     class Node(LamabusService):
         def _has_model_files(self) -> bool:

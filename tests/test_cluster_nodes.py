@@ -23,9 +23,9 @@ import nats.errors
 from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from bench.serve_process import ServeProcess
-from bus.cluster import bucket_name, partition_of, wanted_owner
+from bus.node.cluster import bucket_name, partition_of, wanted_owner
 from bus.config import Settings
-from bus.publisher import MSG_ID
+from bus.node.publisher import MSG_ID
 from bus.subjects import Subjects
 from handlers.assistant import reply_id_for
 from bench.nats_cluster import NatsCluster
@@ -77,7 +77,7 @@ def node_settings(cluster: NatsCluster, server: int, node_id: str, base: Path, *
 
 @contextlib.asynccontextmanager
 async def node(settings: Settings):
-    from bus.app import LamabusService
+    from bus.node.app import LamabusService
 
     async with entered_in_own_task(LamabusService(settings)) as svc:
         yield svc

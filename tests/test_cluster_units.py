@@ -1,4 +1,4 @@
-"""The pieces of bus/cluster.py that need no cluster: the partition function against the broker's own
+"""The pieces of bus/node/cluster.py that need no cluster: the partition function against the broker's own
 transform, rendezvous hashing, node ids and the cluster settings."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import nats
 
-from bus.cluster import partition_of, wanted_owner
+from bus.node.cluster import partition_of, wanted_owner
 from bus.config import load_settings
 
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus.app import _cancel_decoder
+from bus.node.app import _cancel_decoder
 from engine import protocol
 from domain.events import decode_event as decode_stored_event
 from wire.api import ENDPOINTS

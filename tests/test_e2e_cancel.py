@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from bus.client import raise_for_error
-from bus.replay import records
+from bus.replay.command import records
 from wire.errors import ErrorCode, LamaError
 from wire.messages import (
     ChatMessage,

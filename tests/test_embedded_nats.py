@@ -1,6 +1,6 @@
 import nats
 
-from bus.embedded import EmbeddedNatsServer
+from bus.broker.embedded import EmbeddedNatsServer
 
 
 async def test_embedded_server_serves_core_and_jetstream(tmp_path):

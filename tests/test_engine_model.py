@@ -221,6 +221,57 @@ async def test_more_requests_than_slots_queue(engine, handle):
     assert max(r.timing.queue_time for _, r in results) > 0
 
 
+async def test_waiting_requests_start_when_every_slot_ends_in_the_same_step(engine, handle):
+    """Regression: the worker used to block on its command queue whenever nothing was active, even with
+    requests waiting for a slot, so when all running sequences ended in one step the rest hung forever.
+
+    With ``max_tokens`` 1 and short prompts, every admitted group is prefilled, sampled and finished in a
+    single decode step; 4 slots and 17 requests leave requests waiting after such a step every time."""
+    reqs = [chat(f"same-step-{i}", ("user", f"Say {i}."), max_tokens=1) for i in range(17)]
+    results = await asyncio.wait_for(asyncio.gather(*(collect(engine, handle, r) for r in reqs)), 120)
+    assert len(results) == len(reqs)
+    assert all(r.tokens == 1 and r.finish_reason in ("length", "stop") for _, r in results)
+    assert max(r.timing.queue_time for _, r in results) > 0  # some really waited for a slot
+
+
+async def test_watchdog_every_request_ends_under_a_random_mix(engine, handle):
+    """Short and long requests, some conversations, cancels while queued and while running, four times
+    more requests than slots: every request ends (completed or cancelled) within the bound."""
+    import random
+
+    rng = random.Random(20261204)
+    outcomes: dict[str, str] = {}
+
+    async def one(i: int) -> None:
+        conv = f"wd-{rng.randrange(3)}" if rng.random() < 0.3 else None
+        req = chat(f"wd-{i}", ("user", f"Tell me about {i}."), conversation=conv,
+                   max_tokens=rng.choice([1, 2, 5, 24]), ignore_eos=rng.random() < 0.5)
+        cancel_after = rng.choice([None, None, 0, 1, 3])  # chunks seen before the consumer walks away
+        seen = 0
+        async with contextlib.aclosing(engine.generate_stream(handle, req)) as stream:
+            async for item in stream:
+                if isinstance(item, GenerationResult):
+                    outcomes[req.request_id] = item.finish_reason
+                    return
+                seen += 1
+                if cancel_after is not None and seen > cancel_after:
+                    outcomes[req.request_id] = "walked-away"
+                    return
+            outcomes[req.request_id] = "ended-without-result"
+
+    async def cancel_some() -> None:
+        for i in rng.sample(range(24), 6):  # cancels by id, queued or running, some after they ended
+            await engine.cancel(f"wd-{i}")
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(24)), cancel_some()), 180)
+    assert len(outcomes) == 24
+    assert "ended-without-result" not in outcomes.values()
+    # The worker is still healthy: a fresh request completes.
+    _, r = await asyncio.wait_for(collect(engine, handle, chat("wd-after", ("user", "Hi"), max_tokens=3)), 60)
+    assert r.tokens > 0
+
+
 @pytest.mark.parametrize(
     ("kw", "field"),
     [({"temperature": -1.0}, "sampling.temperature"), ({"top_p": 0.0}, "sampling.topP"), ({"max_tokens": 0}, "sampling.maxTokens")],

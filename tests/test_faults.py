@@ -22,10 +22,10 @@ from nats.js.errors import NotFoundError
 
 from bench.serve_process import ServeProcess, group_members
 from bus.config import Settings
-from bus.connection import connect
-from bus.intake import CONSUMER, StreamLimits, ensure_topics_stream
-from bus.publisher import MSG_ID
-from bus.replay import records
+from bus.broker.connection import connect
+from bus.node.intake import CONSUMER, StreamLimits, ensure_topics_stream
+from bus.node.publisher import MSG_ID
+from bus.replay.command import records
 from bus.subjects import Subjects
 from handlers.assistant import reply_id_for
 from tests.conftest import entered_in_own_task
@@ -148,7 +148,7 @@ def js(nc):
 
 @contextlib.asynccontextmanager
 async def in_process_service(nats_url: str, data_dir: Path, ack_wait: float = ACK_WAIT):
-    from bus.app import LamabusService
+    from bus.node.app import LamabusService
 
     settings = Settings(nats_url=nats_url, data_dir=str(data_dir), ack_wait=ack_wait)
     async with entered_in_own_task(LamabusService(settings)) as svc:

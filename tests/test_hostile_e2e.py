@@ -16,7 +16,7 @@ import anyio
 import msgspec
 import pytest
 
-from bus.intake import CONSUMER
+from bus.node.intake import CONSUMER
 from bench.hostile import RawPublisher, api_payloads, cancel_payloads, topic_payloads
 from wire.errors import ErrorCode
 from wire.messages import CancelReply, GenerationCompleted, MessageRejected, decode_topic_event

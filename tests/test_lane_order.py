@@ -1,4 +1,4 @@
-"""A topic's replies stay in order when publishing one of them fails (bus/lane_order.py).
+"""A topic's replies stay in order when publishing one of them fails (bus/node/lane_order.py).
 
 The assistant runs on in-memory ports; the broker is a fake that hands a message back and
 delivers it again a moment later, as JetStream does after a NAK. The leader election is a
@@ -10,7 +10,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from bus.lane_order import LaneHeld, LaneOrder, OrderedDirectory, RetryingPublisher
+from bus.node.lane_order import LaneHeld, LaneOrder, OrderedDirectory, RetryingPublisher
 from handlers.assistant import Assistant, AssistantSettings, reply_id_for
 from tests.test_assistant_unit import FakeDirectory, FakePublisher, FakeRuntime, msg
 from tests.test_cluster_nodes import cluster, nc  # noqa: F401  (fixtures of the cluster test below)

@@ -14,7 +14,7 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus.publisher import MSG_ID
+from bus.node.publisher import MSG_ID
 from handlers.metrics import MeteredPublisher, ServiceMetrics
 from wire.api import MetricsGet
 from wire.errors import ErrorBody, ErrorCode, LamaError
@@ -186,8 +186,8 @@ async def test_counters_move_by_what_happened_reply_cancel_rejection_failure(ser
 
 
 async def test_metrics_off_and_bus_only(tmp_path: Path, nats_url: str, capsys):
-    from bus.app import LamabusService
-    from bus.cli import main
+    from bus.node.app import LamabusService
+    from bus.cli.main import main
     from bus.client import LamabusClient
     from bus.config import Settings
     from tests.conftest import entered_in_own_task

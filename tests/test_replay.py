@@ -1,4 +1,4 @@
-"""``lamabus replay`` / bus/replay.py against a real nats-server, with records written by hand."""
+"""``lamabus replay`` / bus/replay/command.py against a real nats-server, with records written by hand."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import anyio
 import nats
 import pytest
 
-from bus.cli import main
-from bus.intake import ensure_topics_stream
-from bus.publisher import MSG_ID
-from bus.replay import (
+from bus.cli.main import main
+from bus.node.intake import ensure_topics_stream
+from bus.node.publisher import MSG_ID
+from bus.replay.command import (
     AnalysedEntry,
     CancelledEntry,
     CompletedEntry,

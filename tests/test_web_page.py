@@ -23,10 +23,10 @@ from typing import Any, Coroutine, Iterator, TypeVar
 
 import pytest
 
-from bus.app import LamabusService
+from bus.node.app import LamabusService
 from bus.config import Settings
-from bus.publisher import MSG_ID
-from bus.web import static_dir
+from bus.node.publisher import MSG_ID
+from bus.web.page import static_dir
 
 T = TypeVar("T")
 
@@ -74,7 +74,7 @@ def _source_digest() -> str:
 
 def test_committed_bundle_is_built_from_the_committed_sources():
     built = json.loads((static_dir() / "build.json").read_text())
-    assert built["sources"] == _source_digest(), "bus/static is stale: run web/build.sh and commit bus/static"
+    assert built["sources"] == _source_digest(), "bus/web/static is stale: run web/build.sh and commit bus/web/static"
     assert built["versions"]["@nats-io/nats-core"].startswith("3.")
     assert built["versions"]["@nats-io/jetstream"].startswith("3.")
     for name in ("index.html", "app.js", "style.css"):
@@ -87,7 +87,7 @@ def test_committed_bundle_is_built_from_the_committed_sources():
 
 
 def test_web_settings_defaults_environment_and_flags():
-    from bus.cli import _settings, build_parser
+    from bus.cli.main import _settings, build_parser
     from bus.config import load_settings
     from wire.errors import LamaError
 
@@ -108,7 +108,7 @@ def test_web_settings_defaults_environment_and_flags():
 async def test_embedded_broker_websocket_listener_comes_back_on_its_ports(tmp_path):
     import aiohttp
 
-    from bus.embedded import EmbeddedNatsServer
+    from bus.broker.embedded import EmbeddedNatsServer
 
     async def handshake(url: str) -> bytes:
         async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:

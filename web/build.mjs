@@ -1,4 +1,4 @@
-// Builds the chat page into ../bus/static (committed, so installing lamabus needs no Node).
+// Builds the chat page into ../bus/web/static (committed, so installing lamabus needs no Node).
 // Run through ./build.sh, which installs the locked dependencies first.
 import { createHash } from "node:crypto";
 import { copyFile, mkdir, readdir, readFile, writeFile } from "node:fs/promises";
@@ -7,7 +7,7 @@ import { fileURLToPath } from "node:url";
 import * as esbuild from "esbuild";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const out = join(here, "..", "bus", "static");
+const out = join(here, "..", "bus", "web", "static");
 
 /** SHA-256 over the inputs of the build: tests/test_web_page.py recomputes it to catch a stale bundle. */
 export async function sourceDigest() {

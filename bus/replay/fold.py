@@ -16,7 +16,7 @@ from typing import Union
 
 import msgspec
 
-from bus.replay_reader import Record
+from bus.replay.reader import Record
 from wire.messages import (
     ChatMessage,
     GenerationCancelled,

@@ -1,9 +1,9 @@
 """``lamabus replay``: a topic's conversation, read back from the JetStream log.
 
-Three parts, one module each: bus/replay_reader.py reads the topic's stored
-records with an ephemeral consumer (:func:`records`); bus/replay_fold.py turns
+Three parts, one module each: bus/replay/reader.py reads the topic's stored
+records with an ephemeral consumer (:func:`records`); bus/replay/fold.py turns
 them into typed entries, joining each AI reply with its ``generation.completed``
-and showing re-published copies once (pure); bus/replay_format.py prints them.
+and showing re-published copies once (pure); bus/replay/format.py prints them.
 :func:`replay` here puts the reader and the fold together:
 
     async with contextlib.aclosing(replay(js, "demo")) as entries:
@@ -27,7 +27,7 @@ import anyio
 from nats.js import JetStreamContext
 
 from bus.config import Settings
-from bus.replay_fold import (
+from bus.replay.fold import (
     AnalysedEntry,
     CancelledEntry,
     CompletedEntry,
@@ -40,8 +40,8 @@ from bus.replay_fold import (
     StartedEntry,
     UnreadableEntry,
 )
-from bus.replay_format import entry_json, format_entry, parse_since
-from bus.replay_reader import Idle, Record, read, records
+from bus.replay.format import entry_json, format_entry, parse_since
+from bus.replay.reader import Idle, Record, read, records
 from wire.errors import ErrorCode, LamaError
 
 # The names callers (the CLI, the tests, the soak) import from here.
@@ -79,7 +79,7 @@ def _write(lines: Iterable[str]) -> None:
 
 
 async def _replay_main(args: argparse.Namespace, url: str, prefix: str, since: datetime | None) -> int:
-    from bus.connection import connect
+    from bus.broker.connection import connect
 
     try:
         nc = await connect(url, name="lamabus-replay", reconnect_forever=args.follow)

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from bus.cli_output import console, ms_text, print_json, table
+from bus.cli.output import console, ms_text, print_json, table
 from bus.config import Settings
 from domain.mapper import RecordedEvent, follow, iter_all, read_all
 from wire.api import DiagnosticsGet

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=_chat)
 
     # The admin and replay commands live beside, to keep this file small.
-    from bus import cli_registry, replay
+    from bus.cli import registry as cli_registry
+    from bus.replay import command as replay
 
     cli_registry.register(sub, _common)
     replay.register(sub, _common)
@@ -84,7 +85,7 @@ EXIT_CLIENT_DEAF = 75
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from bus.app import ClientDeaf, serve_forever
+    from bus.node.app import ClientDeaf, serve_forever
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     deaf = False
@@ -97,7 +98,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _chat(args: argparse.Namespace, settings: Settings) -> int:
-    from bus.chat import run_chat
+    from bus.cli.chat import run_chat
 
     return anyio.run(run_chat, args, settings.client_url(), settings.prefix)
 

@@ -6,7 +6,7 @@ Everything a topic durably saw lives in the ``LAMA_TOPICS`` stream: the users'
 They are read with a short-lived *ephemeral* pull consumer of its own (never the
 service's durable ``lamabus-assistant``, so reading changes nothing).
 :func:`records` yields every stored record, decoded, in stream order, with nothing
-merged or dropped (what the fault tests count); bus/replay_fold.py makes a
+merged or dropped (what the fault tests count); bus/replay/fold.py makes a
 conversation of them.
 """
 

@@ -1,6 +1,6 @@
 """The chat page: static files and a small JSON config, served by aiohttp.
 
-The page (``bus/static/``, built from ``web/`` by ``web/build.sh``) is a NATS
+The page (``bus/web/static/``, built from ``web/`` by ``web/build.sh``) is a NATS
 client of its own: it speaks to the broker over WebSocket and to lamabus only
 through the bus (topics, JetStream history, the request/reply API). This server
 only hands out the files and ``config.json``, which tells the page where the
@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from bus.config import Settings
-from bus.listen import http_url, listen, port_free
+from bus.web.listen import http_url, listen, port_free
 from bus.subjects import Subjects
 
 log = logging.getLogger("lamabus.web")
@@ -26,7 +26,7 @@ log = logging.getLogger("lamabus.web")
 
 def static_dir() -> Path:
     """The built page, installed with the ``bus`` package."""
-    return Path(str(resources.files("bus") / "static"))
+    return Path(str(resources.files("bus.web") / "static"))
 
 
 def page_config(ws_url: str | None, prefix: str) -> dict[str, Any]:

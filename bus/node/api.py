@@ -1,7 +1,7 @@
 """The endpoints of the ``lamabus`` micro service (``<prefix>.api.*``); docs/api.md describes each.
 
 Requests and replies are the Structs of :mod:`wire.api`. Every handler runs
-behind :func:`bus.service.boundary`, so what it raises comes back as a coded
+behind :func:`bus.node.service.boundary`, so what it raises comes back as a coded
 error reply. Long handlers (pull, import, load, the ``llm`` calls) are
 ``concurrent``: one slow request never holds up the next.
 
@@ -35,7 +35,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from bus.client import raise_for_error
-from bus.service import ERROR_COUNTS, Endpoint
+from bus.node.service import ERROR_COUNTS, Endpoint
 from bus.subjects import Subjects
 from engine.runtime import Engine
 from handlers.catalog import list_catalog, pull

@@ -1,6 +1,6 @@
 """``/metrics`` over HTTP (aiohttp), for ``--metrics HOST:PORT``; the figures are :mod:`handlers.metrics`.
 
-The same text is answered on ``<prefix>.api.metrics`` (bus/api.py) for nodes
+The same text is answered on ``<prefix>.api.metrics`` (bus/node/api.py) for nodes
 that open no HTTP port. A taken port is replaced by a free one, as the chat
 page does; the bound URL is written to ``<data-dir>/metrics.url``.
 """
@@ -14,7 +14,7 @@ from types import TracebackType
 from aiohttp import web
 
 from bus.config import Settings
-from bus.listen import http_url, listen
+from bus.web.listen import http_url, listen
 from handlers.metrics import ServiceMetrics
 
 log = logging.getLogger("lamabus.metrics")

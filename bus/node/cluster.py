@@ -51,7 +51,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from bus.config import Settings
-from bus.intake import JetStreamDelivery, StreamLimits, Submit, TopicIntake, ensure_topics_stream
+from bus.node.intake import JetStreamDelivery, StreamLimits, Submit, TopicIntake, ensure_topics_stream
 from bus.subjects import Subjects
 from handlers.registry import Registry
 from storage.jetstream import JetStreamEventStore

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import anyio
 import msgspec
 
-from bus.cli_output import console, fields_table, ms_text, print_json, size_text, table
-from bus.cli_registry_log import rebuild, run_events
+from bus.cli.output import console, fields_table, ms_text, print_json, size_text, table
+from bus.cli.registry_log import rebuild, run_events
 from bus.config import Settings
 from wire.api import ApiRequest, DiagnosticsGet, MetricsGet, endpoint_for
 from wire.decoding import decode_untrusted

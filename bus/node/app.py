@@ -20,19 +20,19 @@ from anyio.abc import TaskGroup
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bus.cluster import PartitionedIntake, open_registry, replicas_for
+from bus.node.cluster import PartitionedIntake, open_registry, replicas_for
 from bus.config import Settings
-from bus.connection import connect, wait_until_deaf
-from bus.embedded import EmbeddedNatsServer
-from bus.intake import StreamLimits, TopicIntake
-from bus.lane_order import LaneOrder, OrderedDirectory, RetryingPublisher, retry_budget
-from bus.listen import port_free
-from bus.metrics import MetricsServer, metrics_for
-from bus.publisher import NatsPublisher
-from bus.api import Api
-from bus.service import error_reply, serve_node, start_service
+from bus.broker.connection import connect, wait_until_deaf
+from bus.broker.embedded import EmbeddedNatsServer
+from bus.node.intake import StreamLimits, TopicIntake
+from bus.node.lane_order import LaneOrder, OrderedDirectory, RetryingPublisher, retry_budget
+from bus.web.listen import port_free
+from bus.web.metrics import MetricsServer, metrics_for
+from bus.node.publisher import NatsPublisher
+from bus.node.api import Api
+from bus.node.service import error_reply, serve_node, start_service
 from bus.subjects import Subjects
-from bus.web import WebServer, embedded_websocket_port, web_server_for
+from bus.web.page import WebServer, embedded_websocket_port, web_server_for
 from domain.mapper import follow
 from engine.runtime import Engine
 from handlers.analysis_store import RegistryAnalysisStore
@@ -137,7 +137,7 @@ class LamabusService:
             ModelsRuntime(self.registry, self.engine, max_loaded=s.max_loaded_models, keep_alive=s.keep_alive,
                           on_load=self.metrics.model_load if self.metrics else None))
         # A failed publish is retried before its message is handed back, and a topic whose message was
-        # handed back waits for it (bus/lane_order.py): replies stay in order through a leader election.
+        # handed back waits for it (bus/node/lane_order.py): replies stay in order through a leader election.
         publisher = RetryingPublisher(NatsPublisher(self.nc, js, self.subjects), budget=retry_budget(s.ack_wait))
         publisher = self.metrics.publisher(publisher) if self.metrics else publisher
         order = self.lane_order = LaneOrder(max_hold=max(60.0, 10 * s.ack_wait))
@@ -181,7 +181,7 @@ class LamabusService:
         # Long endpoints (pull, load, generate) run their requests as tasks in this service's task group.
         service = await start_service(self.nc, self.subjects.api, self.api.endpoints(), task_group=self._tg)
         stack.push_async_callback(service.stop)
-        # The same table on this node's own subjects: requests about its engine (bus/api.py, "routing").
+        # The same table on this node's own subjects: requests about its engine (bus/node/api.py, "routing").
         node_sub = await serve_node(self.nc, self.subjects.node_api(s.node_name),
                                     self.api.on_own_subjects().endpoints(), task_group=self._tg)
         stack.push_async_callback(node_sub.unsubscribe)
@@ -269,7 +269,7 @@ class LamabusService:
         if self.assistant is None:
             return None
         stats = self.assistant.stats()
-        if self.lane_order is not None:  # topics waiting for a reply handed back (bus/lane_order.py)
+        if self.lane_order is not None:  # topics waiting for a reply handed back (bus/node/lane_order.py)
             stats["laneOrder"] = self.lane_order.stats()
         if self.analyser is not None:
             stats["analysis"] = self.analyser.stats()

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import msgspec
 
-from bus.replay_fold import (
+from bus.replay.fold import (
     AnalysedEntry,
     CancelledEntry,
     CompletedEntry,

@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from bus.publisher import MSG_ID
+from bus.node.publisher import MSG_ID
 from bus.subjects import Subjects
 from wire.errors import ErrorCode, LamaError
 from wire.messages import ChatMessage, MessageRejected, decode_topic_event, encode, valid_topic_id

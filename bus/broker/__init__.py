@@ -1,0 +1,1 @@
+"""The NATS broker: connecting to one, or running the embedded nats-server."""

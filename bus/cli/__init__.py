@@ -1,0 +1,1 @@
+"""The command line: `lamabus` and its subcommands."""

@@ -1,0 +1,1 @@
+"""A running lamabus node: its service, API, intake, publisher and cluster membership."""

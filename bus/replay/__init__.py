@@ -1,0 +1,1 @@
+"""`lamabus replay`: a topic's conversation read back from JetStream."""

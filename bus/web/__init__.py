@@ -1,0 +1,1 @@
+"""The node's HTTP servers: the chat page and /metrics, on loopback listeners."""
