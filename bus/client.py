@@ -23,7 +23,8 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
-from bus.broker.connection import connect
+from bus.auth.credentials import Credentials
+from bus.broker.connection import Denials, connect, guarded, redact_url
 from bus.node.publisher import MSG_ID
 from bus.subjects import Subjects
 from wire.api import ApiRequest, endpoint_for
@@ -73,8 +74,17 @@ class LamabusClient:
         self._owns = owns_connection
 
     @classmethod
-    def connect(cls, url: str, *, prefix: str = "lama") -> "_Connecting":
-        return _Connecting(url, prefix)
+    def connect(cls, url: str, *, prefix: str = "lama", credentials: Credentials | None = None) -> "_Connecting":
+        return _Connecting(url, prefix, credentials)
+
+    @classmethod
+    def for_settings(cls, settings: Any) -> "_Connecting":
+        """Connect as the settings say (bus.config.Settings): their broker and credentials, else the local
+        embedded broker as its admin (bus/auth/embedded.py)."""
+        from bus.auth.embedded import client_login
+
+        url, credentials = client_login(settings)
+        return _Connecting(url, settings.prefix, credentials)
 
     async def close(self) -> None:
         if self._owns and not self.nc.is_closed:
@@ -87,7 +97,8 @@ class LamabusClient:
         answers it once) under a new broker de-duplication id, which the broker would otherwise
         drop as a copy for its duplicate window."""
         dedup = message.id if attempt == 0 else f"{message.id}.retry{attempt}"
-        await self.js.publish(self.subjects.msg(message.topic), encode(message), headers={MSG_ID: dedup})
+        subject = self.subjects.msg(message.topic)
+        await guarded(self.nc, (subject,), self.js.publish(subject, encode(message), headers={MSG_ID: dedup}))
 
     async def ask(self, topic: str, text: str, *, author_id: str = "user", model_id: str | None = None,
                   params: GenerationParams | None = None, message_id: str | None = None,
@@ -100,7 +111,7 @@ class LamabusClient:
         """
         message = ChatMessage(id=message_id or str(uuid.uuid4()), topic=topic, author_id=author_id, text=text,
                               sent_at=datetime.now(timezone.utc), model_id=model_id, params=params)
-        queue: asyncio.Queue[TopicEvent] = asyncio.Queue()
+        queue: asyncio.Queue[TopicEvent | LamaError] = asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
             try:
@@ -108,6 +119,11 @@ class LamabusClient:
             except LamaError:
                 pass  # not ours to judge; someone else's traffic on the topic
 
+        denials: Denials | None = getattr(self.nc, "denials", None)
+        watch = denials.watching(self.subjects.tok(topic), self.subjects.evt(topic)) if denials else None
+        if watch is not None:
+            # A refused subscription to the topic's tokens or events is forbidden, not a timeout.
+            watch.__enter__().add_done_callback(lambda refused: queue.put_nowait(refused.result()))
         tok_sub = await self.nc.subscribe(self.subjects.tok(topic), cb=on_msg)
         evt_sub = await self.nc.subscribe(self.subjects.evt(topic), cb=on_msg)
         try:
@@ -117,6 +133,8 @@ class LamabusClient:
             async with asyncio.timeout(timeout):
                 while True:
                     event = await queue.get()
+                    if isinstance(event, LamaError):
+                        raise event
                     match event:
                         case GenerationToken(request_id=rid) | GenerationStarted(request_id=rid) if rid == message.id:
                             yield event
@@ -130,12 +148,15 @@ class LamabusClient:
         except TimeoutError:
             raise LamaError(ErrorCode.TIMEOUT, f"no reply to {message.id} in {timeout:g} s") from None
         finally:
+            if watch is not None:
+                watch.__exit__(None, None, None)
             await tok_sub.unsubscribe()
             await evt_sub.unsubscribe()
 
     async def cancel(self, topic: str, request_id: str | None = None, *, timeout: float = 5.0) -> CancelReply:
-        reply = await self.nc.request(self.subjects.cancel(topic), encode(GenerationCancel(topic=topic, request_id=request_id)),
-                                      timeout=timeout)
+        subject = self.subjects.cancel(topic)
+        reply = await self.request(subject, encode(GenerationCancel(topic=topic, request_id=request_id)),
+                                   timeout=timeout)
         raise_for_error(reply)
         return _cancel_reply_decoder.decode(reply.data)
 
@@ -152,13 +173,19 @@ class LamabusClient:
                             field="node")
         api = self.subjects.api if node is None else self.subjects.node_api(node)
         try:
-            reply = await self.nc.request(spec.subject(api), encode(request), timeout=timeout)
+            reply = await self.request(spec.subject(api), encode(request), timeout=timeout)
         except NoRespondersError:
             if node is None:
                 raise
             raise LamaError(ErrorCode.NOT_FOUND, f"node {node} is not serving", node=node) from None
         raise_for_error(reply)
         return decode_untrusted(_reply_decoder(spec.reply), reply.data)
+
+
+    async def request(self, subject: str, data: bytes, *, timeout: float = 30.0) -> Msg:
+        """A NATS request whose refusal by the broker (no permission for ``subject``) raises ``forbidden``
+        at once rather than timing out."""
+        return await guarded(self.nc, (subject,), self.nc.request(subject, data, timeout=timeout))
 
 
 @functools.cache
@@ -169,17 +196,19 @@ def _reply_decoder(reply_type: type) -> msgspec.json.Decoder[Any]:
 class _Connecting:
     """``async with LamabusClient.connect(url) as client`` owns and closes the connection."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, credentials: Credentials | None = None) -> None:
         self.url = url
         self.prefix = prefix
+        self.credentials = credentials
         self.client: LamabusClient | None = None
 
     async def __aenter__(self) -> LamabusClient:
         try:
-            nc = await connect(self.url, name="lamabus-client", reconnect_forever=False)
+            nc = await connect(self.url, name="lamabus-client", reconnect_forever=False, credentials=self.credentials)
         except (OSError, TimeoutError, NatsError) as exc:
-            raise LamaError(ErrorCode.TIMEOUT, f"cannot reach NATS at {self.url}: {exc or type(exc).__name__}",
-                            url=self.url) from None
+            shown = redact_url(self.url)
+            raise LamaError(ErrorCode.TIMEOUT, f"cannot reach NATS at {shown}: {exc or type(exc).__name__}",
+                            url=shown) from None
         self.client = LamabusClient(nc, prefix=self.prefix, owns_connection=True)
         return self.client
 

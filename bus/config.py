@@ -99,6 +99,25 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     #: Seconds a node's partition leases outlive its last heartbeat: how soon a dead node's topics move.
     lease_ttl: Annotated[float, Meta(ge=1, le=600)] = 5.0
 
+    #: Logging in to the broker (docs/security.md). A NATS ``.creds`` file (user JWT + nkey seed: NATS's
+    #: decentralized auth, made with ``nsc``).
+    nats_creds: str | None = None
+    #: A file holding an nkey seed (``SU...``) whose public key the broker's config names.
+    nats_nkey: str | None = None
+    #: User name for user + password; the password comes from ``nats_password_file`` or LAMABUS_NATS_PASSWORD.
+    nats_user: str | None = None
+    nats_password_file: str | None = None
+    #: A file holding the broker's token (or LAMABUS_NATS_TOKEN).
+    nats_token_file: str | None = None
+    #: TLS: the CA that signed the broker's certificate (else the system's); a client certificate and its
+    #: key when the broker asks for one. A ``tls://`` URL asks for TLS with the system's CAs.
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    #: The embedded broker without users or permissions (today's open broker): whoever reaches its ports
+    #: can do anything, models and topics included. Default: three roles with generated passwords.
+    insecure: bool = False
+
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
@@ -178,6 +197,10 @@ def environment_variable(field: str) -> str:
 
 
 CONFIG_FILE_ENV = "LAMABUS_CONFIG"
+#: Secrets are read from a file named in the settings, or from these variables, never from a flag (a flag
+#: shows in ``ps``) nor kept in Settings (which may be printed).
+PASSWORD_ENV = "LAMABUS_NATS_PASSWORD"
+TOKEN_ENV = "LAMABUS_NATS_TOKEN"
 
 def load_settings(
     flags: Mapping[str, Any] | None = None,

@@ -260,9 +260,10 @@ def messages(driver: Any) -> list[dict[str, Any]]:
 
 
 def open_topic(driver: Any, lamabus: ServiceThread, topic: str) -> None:
+    """Open ``topic`` logged in with the token ``serve`` prints (``#token=...&topic=...``)."""
     svc = lamabus.svc
-    assert svc is not None and svc.web is not None and svc.web.url
-    driver.get(f"{svc.web.url}#topic={topic}")
+    assert svc is not None and svc.web is not None and svc.web.login_url
+    driver.get(f"{svc.web.login_url}&topic={topic}")
     wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="connection-status"]')
          .get_attribute("data-state") == "connected", "the page did not connect")
     wait(driver, lambda d: d.execute_script("return document.body.dataset.ready === 'true' && "
@@ -539,27 +540,27 @@ def test_a_rejected_message_is_shown_as_such(driver, lamabus, model):
 @needs_browser
 @pytest.mark.model
 def test_settings_and_diagnostics_panels_use_the_api(driver, lamabus, model):
+    """The page logs in as ``chat``: changing a topic's settings is admin's, so the broker refuses it
+    and the page says ``forbidden`` at once (not a timeout); reading diagnostics is allowed."""
     topic = new_topic()
     open_topic(driver, lamabus, topic)
     svc = lamabus.svc
     assert svc is not None
+    lamabus.call(_api(svc, "topics.create", {"topicId": topic}))
     box = driver.find_element(By.CSS_SELECTOR, '[data-testid="system-prompt-input"]')
     box.clear()
     box.send_keys("You answer like a pirate.")
     driver.find_element(By.CSS_SELECTOR, '[data-testid="save-system-prompt"]').click()
-    wait(driver, lambda d: "saved" in d.find_element(By.CSS_SELECTOR, '[data-testid="settings-note"]').text,
-         "the system prompt was not saved")
-    record = lamabus.call(_api(svc, "topics.get", {"topicId": topic}))["topic"]
-    assert record["systemPrompt"] == "You answer like a pirate."
-    # Bind the topic to the model, then back to following the active one.
+    note = wait(driver, lambda d: (t := d.find_element(By.CSS_SELECTOR, '[data-testid="settings-note"]').text)
+                and t, "no answer to saving the system prompt", timeout=10)
+    assert "forbidden" in note and "lama.api.topics.update" in note, note
     select = driver.find_element(By.CSS_SELECTOR, '[data-testid="model-select"]')
     driver.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('change'))",
                           select, model["id"])
-    wait(driver, lambda _: lamabus.call(_api(svc, "topics.get", {"topicId": topic}))["topic"]["boundModelId"]
-         == model["id"], "the topic was not bound")
-    driver.execute_script("arguments[0].value = ''; arguments[0].dispatchEvent(new Event('change'))", select)
-    wait(driver, lambda _: lamabus.call(_api(svc, "topics.get", {"topicId": topic}))["topic"]["boundModelId"]
-         is None, "the topic was not unbound")
+    wait(driver, lambda d: "lama.api.topics.bind" in d.find_element(By.CSS_SELECTOR, '[data-testid="settings-note"]')
+         .text, "binding was not refused as forbidden", timeout=10)
+    record = lamabus.call(_api(svc, "topics.get", {"topicId": topic}))["topic"]
+    assert record.get("systemPrompt") is None and record.get("boundModelId") is None, record
     driver.find_element(By.CSS_SELECTOR, '[data-testid="diagnostics-panel"] > summary').click()
     summary = wait(driver, lambda d: (t := d.find_element(By.CSS_SELECTOR, '[data-testid="diagnostics-summary"]')
                                       .text) and "active model" in t and t, "no diagnostics")
@@ -569,12 +570,44 @@ def test_settings_and_diagnostics_panels_use_the_api(driver, lamabus, model):
 
 @needs_browser
 @pytest.mark.model
+def test_the_page_asks_for_its_token_and_keeps_it_for_the_tab(driver, lamabus, model):
+    """Opened without ``#token=``, the page asks; a wrong token is refused by the broker and asked again;
+    the right one connects, leaves the address bar and stays in this tab's sessionStorage only."""
+    svc = lamabus.svc
+    assert svc is not None and svc.web is not None and svc.web.url and svc.auth is not None
+    driver.get(svc.web.url)
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(f"{svc.web.url}#topic={new_topic()}")
+    driver.refresh()
+    token_box = wait(driver, lambda d: (e := d.find_element(By.CSS_SELECTOR, '[data-testid="token-input"]'))
+                     .is_displayed() and e, "the page did not ask for its token", timeout=20)
+    token_box.send_keys("not-the-token")
+    driver.find_element(By.CSS_SELECTOR, '[data-testid="login-button"]').click()
+    wait(driver, lambda d: "refused" in d.find_element(By.CSS_SELECTOR, '[data-testid="login-note"]').text,
+         "a wrong token was not refused", timeout=20)
+    token_box = driver.find_element(By.CSS_SELECTOR, '[data-testid="token-input"]')
+    token_box.send_keys(svc.auth.page_token)
+    driver.find_element(By.CSS_SELECTOR, '[data-testid="login-button"]').click()
+    wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="connection-status"]')
+         .get_attribute("data-state") == "connected", "the page did not connect with the right token", timeout=20)
+    assert driver.execute_script("return sessionStorage.getItem('lamabus.token')") == svc.auth.page_token
+    assert driver.execute_script("return localStorage.getItem('lamabus.token')") is None
+    # From the address: stored, then taken out of the address bar.
+    driver.get(f"{svc.web.login_url}&topic=from-address")
+    wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="connection-status"]')
+         .get_attribute("data-state") == "connected", "the page did not connect with the token in its address")
+    assert "token" not in driver.current_url and "topic=from-address" in driver.current_url
+
+
+@needs_browser
+@pytest.mark.model
 def test_page_config_and_static_files_are_served(lamabus):
     svc = lamabus.svc
     assert svc is not None and svc.web is not None and svc.embedded is not None
     with urllib.request.urlopen(f"{svc.web.url}config.json", timeout=10) as r:
         config = json.loads(r.read())
-    assert config == {"wsUrl": svc.embedded.ws_url, "prefix": "lama", "stream": "LAMA_TOPICS"}
+    # The page logs in as the embedded broker's chat user; its token is not in config.json.
+    assert config == {"wsUrl": svc.embedded.ws_url, "prefix": "lama", "stream": "LAMA_TOPICS", "user": "chat"}
     with urllib.request.urlopen(f"{svc.web.url}static/app.js", timeout=10) as r:
         assert r.status == 200 and "javascript" in r.headers["Content-Type"]
 

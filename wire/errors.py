@@ -31,6 +31,10 @@ class ErrorCode(enum.StrEnum):
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
+    #: The broker refused the login (wrong password, expired or revoked credential, untrusted certificate).
+    UNAUTHORIZED = "unauthorized"
+    #: The broker refused a publish or subscription this login has no permission for (docs/security.md).
+    FORBIDDEN = "forbidden"
 
     @property
     def status(self) -> int:
@@ -51,6 +55,8 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.CANCELLED: 409,
     ErrorCode.TIMEOUT: 503,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
 }
 
 

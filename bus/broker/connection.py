@@ -1,51 +1,197 @@
 """Connecting to NATS the way a long-running service should: reconnect forever,
-survive any subject a peer publishes, and notice a client that stopped reading."""
+survive any subject a peer publishes, notice a client that stopped reading, log in
+with the configured credentials (bus/auth), and say plainly when a login or a
+permission is refused."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Any
+import re
+import ssl
+from typing import Any, Iterator
 
 import anyio
+import nats.errors
 from nats.aio.client import Client
+
+from bus.auth.credentials import Credentials
+from wire.errors import ErrorCode, LamaError
 
 log = logging.getLogger("lamabus.bus")
 
+_VIOLATION = re.compile(r"Permissions Violation for (Publish|Subscription) to \"([^\"]*)\"", re.IGNORECASE)
+#: What nats-server says when it refuses or ends a login (-ERR ...).
+_AUTH_REFUSED = ("authorization violation", "authentication expired", "authentication revoked",
+                 "authentication timeout", "user authentication", "account authentication expired")
+_USERINFO = re.compile(r"(?<=://)[^@/,]*@")
+
+
+def redact_url(url: str) -> str:
+    """``nats://user:secret@host`` -> ``nats://***@host``: URLs go into logs and errors, secrets must not."""
+    return _USERINFO.sub("***@", url)
+
+
+class Denials:
+    """Permission violations the broker reported on this connection, handed to whoever waits on that subject.
+
+    nats-server answers a publish or subscription it does not permit with an asynchronous
+    ``-ERR 'Permissions Violation for Publish to "<subject>"'`` and nothing else: a request would
+    only time out. A caller watches the subjects it is about to use (:meth:`watching`) and gets a
+    ``forbidden`` :class:`LamaError` as soon as the broker says so."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Future[LamaError]]] = {}
+
+    def report(self, exc: BaseException) -> LamaError | None:
+        """The violation ``exc`` (an error nats-py passed to its error callback) stands for, if it is one."""
+        m = _VIOLATION.search(str(exc))
+        if m is None:
+            return None
+        operation, subject = m.group(1).lower(), m.group(2)
+        verb = "publish to" if operation == "publish" else "subscribe to"
+        error = LamaError(ErrorCode.FORBIDDEN, f"forbidden: this login may not {verb} {subject}",
+                          subject=subject, operation=operation)
+        for fut in self._waiters.get(subject, ()):
+            if not fut.done():
+                fut.set_result(error)
+        return error
+
+    @contextlib.contextmanager
+    def watching(self, *subjects: str) -> Iterator[asyncio.Future[LamaError]]:
+        """A future that resolves to the ``forbidden`` error of the first violation on one of ``subjects``."""
+        fut: asyncio.Future[LamaError] = asyncio.get_running_loop().create_future()
+        for s in subjects:
+            self._waiters.setdefault(s, set()).add(fut)
+        try:
+            yield fut
+        finally:
+            for s in subjects:
+                waiting = self._waiters.get(s)
+                if waiting is not None:
+                    waiting.discard(fut)
+                    if not waiting:
+                        del self._waiters[s]
+
+
+async def guarded(nc: Client, subjects: tuple[str, ...], work: Any) -> Any:
+    """Await ``work`` (a coroutine using ``subjects``), or raise ``forbidden`` as soon as the broker refuses
+    one of them. On a client without :class:`Denials` (a plain nats-py one), just await ``work``."""
+    denials: Denials | None = getattr(nc, "denials", None)
+    if denials is None:
+        return await work
+    with denials.watching(*subjects) as refused:
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({task, refused}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise refused.result()
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Why a login failed, when ``exc`` says the broker refused it (or its certificate was not trusted)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the broker's TLS certificate is not trusted ({exc.verify_message or exc.reason}); "
+                "set nats_tls_ca (--nats-tls-ca) to the CA that signed it")
+    if isinstance(exc, ssl.SSLError):
+        return (f"the TLS handshake failed ({exc.reason or exc}); if the broker wants a client certificate, "
+                "set nats_tls_cert and nats_tls_key")
+    if isinstance(exc, nats.errors.AuthorizationError):
+        return "the broker refused the login (Authorization Violation)"
+    text = str(exc)
+    if any(marker in text.lower() for marker in _AUTH_REFUSED):
+        return f"the broker refused the login ({text.removeprefix('nats: ').strip(chr(39))})"
+    return None
+
 
 class TolerantClient(Client):
-    """nats-py's client, except that a subject or reply that is not UTF-8 is decoded with
-    replacement characters instead of raising.
+    """nats-py's client, except that
 
-    nats-py 2.16 decodes them strictly inside its read loop; the ``UnicodeDecodeError``
-    ends that loop while the client still reports itself connected, so one peer that
-    publishes ``lama.topic.bad\\xff.cancel`` would leave every subscription of the
-    process deaf (reported upstream as a bug). With replacement characters the message
-    arrives, its topic token is not a valid topic id, and it gets the usual coded answer.
+    * a subject or reply that is not UTF-8 is decoded with replacement characters instead of raising.
+      nats-py 2.16 decodes them strictly inside its read loop; the ``UnicodeDecodeError``
+      ends that loop while the client still reports itself connected, so one peer that
+      publishes ``lama.topic.bad\\xff.cancel`` would leave every subscription of the
+      process deaf (reported upstream as a bug). With replacement characters the message
+      arrives, its topic token is not a valid topic id, and it gets the usual coded answer.
+    * a login the broker ends while connected (a revoked or expired credential) is a lost connection
+      to retry, as for a broker that went away, when ``keep_trying``: nats-py would close for good.
+    * permission violations reach waiting callers through :attr:`denials`.
     """
+
+    keep_trying = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.denials = Denials()
 
     def _build_message(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
         return self.msg_class(subject=subject.decode(errors="replace"), reply=reply.decode(errors="replace"),
                               data=data, headers=headers, _client=self, _sid=sid)
 
+    async def _process_err(self, err_msg: str) -> None:
+        if self.keep_trying and self.is_connected and refusal(nats.errors.Error(err_msg)) is not None:
+            err = nats.errors.Error(f"nats: {err_msg.strip(chr(39))}")
+            self._err = err
+            await self._error_cb(err)
+            await self._process_op_err(err)  # reconnects, and keeps trying while the login is refused
+            return
+        await super()._process_err(err_msg)
 
-async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = True) -> Client:
+
+async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = True,
+                  credentials: Credentials | None = None) -> Client:
+    """Connect with ``credentials``. A refused login or an untrusted certificate on the first connect raises
+    ``unauthorized`` naming the setting to fix (a service that retried forever would hide it); once
+    connected, ``reconnect_forever`` retries a lost broker and a refused login alike."""
+    credentials = credentials or Credentials()
     nc = TolerantClient()
+    nc.keep_trying = reconnect_forever
+    shown = redact_url(url)
+    refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    connected_once = False
+    login_refused_logged = False
 
     async def on_disconnect() -> None:
         if not (nc.is_closed or nc.is_draining):  # our own close is no news
-            log.warning("disconnected from %s; reconnecting", url)
+            log.warning("disconnected from %s; reconnecting", shown)
 
     async def on_reconnect() -> None:
-        log.info("reconnected to %s", url)
+        nonlocal login_refused_logged
+        login_refused_logged = False
+        log.info("reconnected to %s", shown)
 
     async def on_error(exc: Exception) -> None:
+        nonlocal login_refused_logged
+        if (denied := nc.denials.report(exc)) is not None:
+            log.log(logging.WARNING if reconnect_forever else logging.DEBUG, "%s", denied.message)
+            return
+        why = refusal(exc)
+        if why is not None and not connected_once:
+            if not refused.done():
+                refused.set_result(why)
+            return
+        if why is not None:
+            # Revoked or expired while running: say it once, keep retrying (an operator may restore it).
+            if not login_refused_logged:
+                login_refused_logged = True
+                log.error("NATS at %s: %s, with %s; retrying", shown, why, credentials.describe())
+            return
         # A client that gives up after a few tries reports the failure itself, once.
         log.log(logging.WARNING if reconnect_forever else logging.DEBUG, "nats error: %s", exc)
 
     # ``nats://a:4222,nats://b:4222``: the servers of a cluster, tried in the order given (the client also
     # learns the others from the server it reaches).
     servers = [u.strip() for u in url.split(",") if u.strip()]
-    await nc.connect(
+    options = credentials.connect_options(url)
+    connecting = asyncio.ensure_future(nc.connect(
         servers,
         name=name,
         dont_randomize=True,
@@ -56,7 +202,23 @@ async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = 
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         error_cb=on_error,
-    )
+        **options,
+    ))
+    try:
+        await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        connecting.cancel()
+        raise
+    if refused.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise LamaError(ErrorCode.UNAUTHORIZED, f"cannot log in to NATS at {shown} with {credentials.describe()}: "
+                        f"{refused.result()}", url=shown)
+    connecting.result()
+    connected_once = True
     return nc
 
 

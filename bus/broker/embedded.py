@@ -66,11 +66,17 @@ class EmbeddedNatsServer:
     nats-server has no command-line flag for WebSocket. Once started, ``port`` and
     ``websocket_port`` hold the ports taken, so a restart (``stop`` then ``start``) comes back
     on the same ones.
+
+    ``config``: more nats-server configuration (the users and permissions of bus/auth, TLS), which also
+    starts the server from the config file; it may hold passwords, so the file is 0600.
     """
 
     def __init__(self, store_dir: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 0,
-                 websocket_port: int | None = None, startup_timeout: float = 20.0) -> None:
+                 websocket_port: int | None = None, startup_timeout: float = 20.0,
+                 config: str | None = None) -> None:
         self.store_dir = Path(store_dir)
+        #: More nats-server config (users and permissions from bus/auth, TLS), written into the config file.
+        self.config = config
         self.host = host
         self.port = port
         self.websocket_port = websocket_port
@@ -87,18 +93,23 @@ class EmbeddedNatsServer:
     def _write_config(self) -> Path:
         """The nats-server config for a server with a WebSocket listener (strings JSON-quoted)."""
         q = json.dumps
-        self.config_path.write_text(
-            "# Written by lamabus at each start of its embedded nats-server; edits are overwritten.\n"
-            f"host: {q(self.host)}\n"
-            f"port: {self.port or -1}\n"
-            f"jetstream {{ store_dir: {q(str(self.store_dir))} }}\n"
-            f"websocket {{ listen: {q(f'{self.host}:{self.websocket_port or -1}')}, no_tls: true }}\n"
-        )
+        text = ("# Written by lamabus at each start of its embedded nats-server; edits are overwritten.\n"
+                f"host: {q(self.host)}\n"
+                f"port: {self.port or -1}\n"
+                f"jetstream {{ store_dir: {q(str(self.store_dir))} }}\n")
+        if self.websocket_port is not None:
+            text += f"websocket {{ listen: {q(f'{self.host}:{self.websocket_port or -1}')}, no_tls: true }}\n"
+        text += self.config or ""
+        # It may hold passwords: readable by this user only, from the moment it exists.
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         return self.config_path
 
     async def start(self) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        if self.websocket_port is None:
+        if self.websocket_port is None and self.config is None:
             args = [nats_server_binary(), "-a", self.host, "-p", str(self.port or -1),
                     "-js", "-sd", str(self.store_dir)]
         else:

@@ -7,7 +7,9 @@ import sys
 
 import anyio
 
+from bus.broker.connection import redact_url
 from bus.client import LamabusClient
+from bus.config import Settings
 from wire.errors import LamaError
 from wire.messages import GenerationCancelled, GenerationCompleted, GenerationStarted, GenerationToken
 from wire.params import GenerationParams
@@ -47,11 +49,14 @@ async def exchange(client: LamabusClient, args: argparse.Namespace, text: str) -
     return True
 
 
-async def run_chat(args: argparse.Namespace, url: str, prefix: str) -> int:
-    async with LamabusClient.connect(url, prefix=prefix) as client:
+async def run_chat(args: argparse.Namespace, settings: Settings) -> int:
+    """As the settings' login, else the local embedded broker's admin (bus/auth/embedded.py): posting in a
+    topic is the chat role's, which admin includes."""
+    url = settings.client_url()
+    async with LamabusClient.for_settings(settings) as client:
         if args.once is not None:
             return 0 if await exchange(client, args, args.once) else 1
-        print(f"chatting in {args.topic!r} on {url} (Ctrl-D to leave)", file=sys.stderr)
+        print(f"chatting in {args.topic!r} on {redact_url(url)} (Ctrl-D to leave)", file=sys.stderr)
         while True:
             try:
                 line = await anyio.to_thread.run_sync(input, "> ")

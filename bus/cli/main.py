@@ -29,6 +29,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="registry, JetStream store and models (env LAMABUS_DATA_DIR)")
     parser.add_argument("--prefix", help="subject prefix (default lama; env LAMABUS_PREFIX)")
     parser.add_argument("--config", help="TOML file with a [lamabus] table (env LAMABUS_CONFIG)")
+    login = parser.add_argument_group("logging in to the broker (docs/security.md; secrets only from files or "
+                                      "LAMABUS_NATS_PASSWORD / LAMABUS_NATS_TOKEN)")
+    login.add_argument("--nats-creds", metavar="FILE", help="a NATS .creds file (JWT + nkey seed)")
+    login.add_argument("--nats-nkey", metavar="FILE", help="a file holding an nkey seed")
+    login.add_argument("--nats-user", metavar="NAME", help="user name (password: --nats-password-file or "
+                                                           "LAMABUS_NATS_PASSWORD)")
+    login.add_argument("--nats-password-file", metavar="FILE")
+    login.add_argument("--nats-token-file", metavar="FILE", help="a file holding the token (or LAMABUS_NATS_TOKEN)")
+    login.add_argument("--nats-tls-ca", metavar="FILE", help="the CA that signed the broker's certificate")
+    login.add_argument("--nats-tls-cert", metavar="FILE", help="client certificate, for mutual TLS")
+    login.add_argument("--nats-tls-key", metavar="FILE", help="the client certificate's key")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "env LAMABUS_NODE_ID)")
     serve.add_argument("--replicas", type=int,
                        help="copies of each stream lamabus creates (default min(3, cluster size); env LAMABUS_REPLICAS)")
+    serve.add_argument("--insecure", action="store_true", default=None,
+                       help="the embedded broker without users or permissions: anyone who reaches it can do "
+                            "anything (env LAMABUS_INSECURE=1)")
     serve.set_defaults(run=_serve)
 
     chat = sub.add_parser("chat", help="chat in a topic from the terminal")
@@ -74,9 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LOGIN_FLAGS = ("nats_creds", "nats_nkey", "nats_user", "nats_password_file", "nats_token_file", "nats_tls_ca",
+                "nats_tls_cert", "nats_tls_key")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     flags = {k: getattr(args, k, None) for k in ("nats_url", "data_dir", "prefix", "log_level", "web", "nats_ws_url",
-                                                   "metrics", "registry", "node_id", "replicas")}
+                                                   "metrics", "registry", "node_id", "replicas", "insecure",
+                                                   *_LOGIN_FLAGS)}
     return load_settings(flags, config_file=getattr(args, "config", None))
 
 
@@ -89,18 +108,26 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     deaf = False
+    failed: BaseException | None = None
     try:
         anyio.run(serve_forever, settings)
     except* ClientDeaf:
         # Already logged where it was noticed; a supervisor (docker's restart policy, systemd) starts us again.
         deaf = True
+    except* LamaError as group:
+        # A refused login, a bad setting: one line from main(), not a task group's traceback.
+        failed = group.exceptions[0]
+        while isinstance(failed, BaseExceptionGroup):
+            failed = failed.exceptions[0]
+    if failed is not None:
+        raise failed
     return EXIT_CLIENT_DEAF if deaf else 0
 
 
 def _chat(args: argparse.Namespace, settings: Settings) -> int:
     from bus.cli.chat import run_chat
 
-    return anyio.run(run_chat, args, settings.client_url(), settings.prefix)
+    return anyio.run(run_chat, args, settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ async def _call(settings: Settings, request: ApiRequest[Any], *, timeout: float,
 
     url = settings.client_url()
     subject = endpoint_for(request).subject(f"{settings.prefix}.api")
-    async with LamabusClient.connect(url, prefix=settings.prefix) as client:
+    async with LamabusClient.for_settings(settings) as client:
         try:
             if progress is None:
                 return await client.call(request, timeout=timeout, node=node)

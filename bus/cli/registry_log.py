@@ -115,7 +115,7 @@ async def _service_snapshot(settings: Settings, timeout: float) -> _Snapshot | N
     from wire.api import ModelsList, TopicList
 
     try:
-        async with LamabusClient.connect(settings.client_url(), prefix=settings.prefix) as client:
+        async with LamabusClient.for_settings(settings) as client:
             for _attempt in range(5):
                 before = (await client.call(DiagnosticsGet(), timeout=timeout)).registry
                 models = await client.call(ModelsList(include_deleted=True), timeout=timeout)

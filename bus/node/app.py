@@ -22,7 +22,10 @@ from nats.aio.msg import Msg
 
 from bus.node.cluster import PartitionedIntake, open_registry, replicas_for
 from bus.config import Settings
-from bus.broker.connection import connect, wait_until_deaf
+from bus.auth import embedded as embedded_auth
+from bus.auth.credentials import Credentials, from_settings
+from bus.auth.embedded import EmbeddedAuth
+from bus.broker.connection import connect, redact_url, wait_until_deaf
 from bus.broker.embedded import EmbeddedNatsServer
 from bus.node.intake import StreamLimits, TopicIntake
 from bus.node.lane_order import LaneOrder, OrderedDirectory, RetryingPublisher, retry_budget
@@ -67,6 +70,7 @@ class LamabusService:
         self.subjects = Subjects(settings.prefix)
         self.url: str | None = None
         self.embedded: EmbeddedNatsServer | None = None
+        self.auth: EmbeddedAuth | None = None  # the embedded broker's users (None: external or --insecure)
         self.nc: Client | None = None
         self.registry: Registry | None = None
         self.engine: Engine | None = None
@@ -107,18 +111,29 @@ class LamabusService:
 
         if s.nats_url:
             self.url = s.nats_url
+            credentials = from_settings(s)
         else:
             port = s.embedded_port if s.embedded_port and port_free("127.0.0.1", s.embedded_port) else 0
             if s.embedded_port and not port:
                 log.warning("port %d is taken; the embedded nats-server takes a free one", s.embedded_port)
+            # Secure by default: three users with generated passwords kept in the data dir (bus/auth/embedded.py).
+            self.auth = None if s.insecure else embedded_auth.load_or_create(s.data_path)
             self.embedded = await stack.enter_async_context(EmbeddedNatsServer(
-                s.jetstream_dir, port=port, websocket_port=embedded_websocket_port(s)))
+                s.jetstream_dir, port=port, websocket_port=embedded_websocket_port(s),
+                config=self.auth.server_config(s.prefix) if self.auth else None))
             self.url = self.embedded.url
             s.embedded_url_file.write_text(f"{self.url}\n")
             stack.callback(s.embedded_url_file.unlink, missing_ok=True)
             log.info("embedded nats-server with JetStream on %s (store %s)", self.url, s.jetstream_dir)
+            if self.auth is None:
+                log.warning("--insecure: the embedded nats-server has no users and no permissions; anyone who "
+                            "reaches %s can do anything (delete models, forge replies, read every topic)", self.url)
+            else:
+                log.info("the embedded nats-server has users service, admin and chat (passwords in %s)",
+                         self.auth.path)
+            credentials = self.auth.credentials("service") if self.auth else Credentials()
         assert self.url
-        self.nc = await connect(self.url)
+        self.nc = await connect(self.url, credentials=credentials)
         stack.push_async_callback(self._close_nats)
         js = self.nc.jetstream()
         clustered = s.registry == "nats"  # the registry in JetStream: topics partitioned over the nodes
@@ -187,14 +202,19 @@ class LamabusService:
         stack.push_async_callback(node_sub.unsubscribe)
         self._tg.start_soon(self._feed_registry_events)
         self._tg.start_soon(self._watch_client)
-        if (web := web_server_for(s, self.embedded.ws_url if self.embedded else None)) is not None:
+        if (web := web_server_for(s, self.embedded.ws_url if self.embedded else None,
+                                  login=("chat", self.auth.page_token) if self.auth else None)) is not None:
             self.web = await stack.enter_async_context(web)
+            if self.auth is not None and self.web.login_url:
+                # The login token is for the person who started serve: their terminal, never the log.
+                print(f"chat page: {self.web.login_url}", flush=True)
         if metrics_http is not None:
             self.metrics_http = await stack.enter_async_context(metrics_http)
         # Subscriptions go out with the next flush of the client's buffer: "ready" means a request
         # sent after it is answered, so push them to the broker first.
         await self.nc.flush()
-        log.info("lamabus ready on %s (prefix %r, data %s, node %s, registry %s%s)", self.url, s.prefix, s.data_path,
+        log.info("lamabus ready on %s (prefix %r, data %s, node %s, registry %s%s)", redact_url(self.url), s.prefix,
+                 s.data_path,
                  s.node_name, s.registry, f", {replicas} replicas" if clustered else "")
 
     async def _close_nats(self) -> None:
@@ -209,8 +229,8 @@ class LamabusService:
         s = self.settings
         await wait_until_deaf(self.nc, interval=s.liveness_interval, timeout=s.liveness_interval, misses=3)
         log.error("the NATS client stopped reading from %s although it reports itself connected; "
-                  "stopping lamabus so that its supervisor starts it again", self.url)
-        raise ClientDeaf(f"NATS client to {self.url} stopped reading")
+                  "stopping lamabus so that its supervisor starts it again", redact_url(self.url or ""))
+        raise ClientDeaf(f"NATS client to {redact_url(self.url or '')} stopped reading")
 
     async def _on_cancel(self, msg: Msg) -> None:
         """Every request on ``.cancel`` gets a reply: the outcome or a coded error. Never raises
@@ -281,7 +301,8 @@ class LamabusService:
     async def diagnostics(self) -> ServiceDiagnostics:
         intake = self.intake
         return ServiceDiagnostics(
-            url=self.url, embedded=self.embedded is not None, prefix=self.settings.prefix,
+            url=redact_url(self.url) if self.url else None, embedded=self.embedded is not None,
+            prefix=self.settings.prefix,
             intake=IntakeDiagnostics(
                 rejected=intake.rejected if intake else 0, taken=intake.taken if intake else 0,
                 in_flight=intake.in_flight if intake else 0, window=self.settings.intake_window,

@@ -78,13 +78,19 @@ def _write(lines: Iterable[str]) -> None:
     sys.stdout.flush()
 
 
-async def _replay_main(args: argparse.Namespace, url: str, prefix: str, since: datetime | None) -> int:
-    from bus.broker.connection import connect
+async def _replay_main(args: argparse.Namespace, settings: Settings, since: datetime | None) -> int:
+    from bus.auth.embedded import client_login
+    from bus.broker.connection import connect, redact_url
 
+    url, credentials = client_login(settings)
+    prefix = settings.prefix
     try:
-        nc = await connect(url, name="lamabus-replay", reconnect_forever=args.follow)
+        nc = await connect(url, name="lamabus-replay", reconnect_forever=args.follow, credentials=credentials)
+    except LamaError:
+        raise
     except Exception as exc:
-        raise LamaError(ErrorCode.TIMEOUT, f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+        raise LamaError(ErrorCode.TIMEOUT, f"cannot reach NATS at {redact_url(url)}: "
+                        f"{exc or type(exc).__name__}") from None
     try:
         async with contextlib.aclosing(replay(nc.jetstream(), args.topic, prefix=prefix, from_seq=args.from_seq,
                                               since=since, follow=args.follow)) as entries:
@@ -102,7 +108,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
     since = parse_since(args.since) if args.since else None
     try:
-        return anyio.run(_replay_main, args, settings.client_url(), settings.prefix, since)
+        return anyio.run(_replay_main, args, settings, since)
     except BrokenPipeError:  # `lamabus replay demo | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's final flush
         return 0

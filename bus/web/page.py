@@ -29,9 +29,13 @@ def static_dir() -> Path:
     return Path(str(resources.files("bus.web") / "static"))
 
 
-def page_config(ws_url: str | None, prefix: str) -> dict[str, Any]:
-    """What ``config.json`` tells the page."""
-    return {"wsUrl": ws_url, "prefix": prefix, "stream": Subjects(prefix).stream_name}
+def page_config(ws_url: str | None, prefix: str, user: str | None = None) -> dict[str, Any]:
+    """What ``config.json`` tells the page. ``user``: the broker wants a login, as this user, whose password
+    is the page's token (never in this file: the page gets it from its address or asks for it)."""
+    config = {"wsUrl": ws_url, "prefix": prefix, "stream": Subjects(prefix).stream_name}
+    if user is not None:
+        config["user"] = user
+    return config
 
 
 def embedded_websocket_port(settings: Settings) -> int | None:
@@ -49,8 +53,11 @@ class WebServer:
     """
 
     def __init__(self, host: str, port: int, *, ws_url: str | None, prefix: str = "lama",
-                 url_file: Path | None = None, root: Path | None = None) -> None:
+                 url_file: Path | None = None, root: Path | None = None,
+                 login: tuple[str, str] | None = None) -> None:
         self.host = host
+        #: (user, token): the page logs in to the broker as ``user`` with the token from its address.
+        self._login = login
         self.port = port
         self.ws_url = ws_url
         self.prefix = prefix
@@ -60,7 +67,7 @@ class WebServer:
         self._runner: web.AppRunner | None = None
 
     def _app(self) -> web.Application:
-        config = page_config(self.ws_url, self.prefix)
+        config = page_config(self.ws_url, self.prefix, self._login[0] if self._login else None)
         index = self.root / "index.html"
         if not index.is_file():
             raise FileNotFoundError(f"the chat page is not built: {index} is missing (run web/build.sh)")
@@ -92,8 +99,17 @@ class WebServer:
         self.url = http_url(sock, "/")
         if self.url_file is not None:
             self.url_file.write_text(f"{self.url}\n")
-        log.info("chat page on %s (NATS WebSocket %s)", self.url, self.ws_url)
+        log.info("chat page on %s (NATS WebSocket %s%s)", self.url, self.ws_url,
+                 "; log in with the address printed on stdout" if self._login else "")
         return self.url
+
+    @property
+    def login_url(self) -> str | None:
+        """The page's address with its login token (``#token=...``, as Jupyter does): a secret, for the
+        person who started the service, printed on stdout and never logged. Without a login: ``url``."""
+        if self.url is None:
+            return None
+        return f"{self.url}#token={self._login[1]}" if self._login else self.url
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
@@ -111,8 +127,10 @@ class WebServer:
         await self.stop()
 
 
-def web_server_for(settings: Settings, embedded_ws_url: str | None) -> WebServer | None:
-    """The service's chat page server, or None when it is off or the page could not reach a broker."""
+def web_server_for(settings: Settings, embedded_ws_url: str | None,
+                   login: tuple[str, str] | None = None) -> WebServer | None:
+    """The service's chat page server, or None when it is off or the page could not reach a broker.
+    ``login``: (user, token) the page logs in with (the embedded broker's chat user)."""
     address = settings.web_address
     if address is None:
         return None
@@ -120,4 +138,5 @@ def web_server_for(settings: Settings, embedded_ws_url: str | None) -> WebServer
     if ws_url is None:
         log.info("no chat page: the external broker's WebSocket URL is not known (--nats-ws-url)")
         return None
-    return WebServer(*address, ws_url=ws_url, prefix=settings.prefix, url_file=settings.web_url_file)
+    return WebServer(*address, ws_url=ws_url, prefix=settings.prefix, url_file=settings.web_url_file,
+                     login=login if settings.nats_ws_url is None else None)

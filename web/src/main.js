@@ -10,6 +10,12 @@
 //
 // Model output is untrusted: it reaches the DOM only as text nodes
 // (markdown.js builds elements; nothing here assigns innerHTML).
+//
+// Logging in: when config.json names a user (the embedded broker's `chat`), the page
+// logs in as that user with the token from its address (`#token=...`, printed by
+// `lamabus serve`), kept for this tab only (sessionStorage) and removed from the
+// address bar; without one it asks. The broker enforces what `chat` may do
+// (docs/security.md): a refused request shows as a `forbidden` notice.
 
 import { wsconnect, nuid } from "@nats-io/nats-core";
 import { jetstream } from "@nats-io/jetstream";
@@ -17,6 +23,7 @@ import { renderMarkdown } from "./markdown.js";
 
 const TOPIC_RE = /^[A-Za-z0-9_-]{1,128}$/;
 const API_TIMEOUT = 15000;
+const TOKEN_KEY = "lamabus.token"; // sessionStorage: this tab only
 const STORE = {
   author: "lamabus.authorId",
   temperature: "lamabus.temperature",
@@ -52,6 +59,10 @@ const ui = {
   diagRefresh: $("diagnostics-refresh"),
   diagSummary: $("diagnostics-summary"),
   diagJson: $("diagnostics-json"),
+  login: $("login"),
+  tokenInput: $("token-input"),
+  loginButton: $("login-button"),
+  loginNote: $("login-note"),
 };
 
 const state = {
@@ -96,6 +107,25 @@ class ApiError extends Error {
   }
 }
 
+/** The broker's refusal of a publish or subscription this login may not make (nats.js wraps it in the
+ *  request's error as its `cause`), or null. */
+function permissionError(err) {
+  for (let e = err, depth = 0; e && depth < 5; e = e.cause, depth++) {
+    if (e.name === "PermissionViolationError") return e;
+  }
+  return null;
+}
+
+function isForbidden(err) {
+  return permissionError(err) !== null;
+}
+
+/** A coded `forbidden` for a refusal, never a timeout. */
+function forbidden(err) {
+  const pe = permissionError(err) ?? {};
+  return new ApiError("forbidden", `this login may not ${pe.operation ?? "use"} ${pe.subject ?? ""}`.trim());
+}
+
 /** A request to the lamabus micro service; a coded error reply is thrown as ApiError. */
 async function api(endpoint, payload = {}) {
   const subject = `${state.config.prefix}.api.${endpoint}`;
@@ -103,6 +133,7 @@ async function api(endpoint, payload = {}) {
   try {
     reply = await state.nc.request(subject, JSON.stringify(payload), { timeout: API_TIMEOUT });
   } catch (err) {
+    if (isForbidden(err)) throw forbidden(err);
     throw new ApiError(err?.name === "NoRespondersError" ? "unavailable" : "timeout",
                        err?.name === "NoRespondersError" ? "lamabus is not answering" : String(err?.message ?? err));
   }
@@ -148,6 +179,40 @@ function setStatus(s, text) {
   ui.status.textContent = text;
 }
 
+/** The token in the address (`#token=...`) goes to this tab's storage and out of the address bar. */
+function takeTokenFromAddress() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const token = params.get("token");
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(null, "", `${location.pathname}${location.search}${rest ? `#${rest}` : ""}`);
+}
+
+/** Ask for the login token (the page was opened without one, or the broker refused it). */
+function askToken(note) {
+  ui.login.hidden = false;
+  ui.loginNote.textContent = note;
+  ui.tokenInput.value = "";
+  ui.tokenInput.focus();
+  setStatus("disconnected", "log in to connect");
+  return new Promise((resolve) => {
+    const done = () => {
+      const token = ui.tokenInput.value.trim();
+      if (!token) return;
+      ui.loginButton.removeEventListener("click", done);
+      ui.tokenInput.removeEventListener("keydown", onKey);
+      ui.login.hidden = true;
+      sessionStorage.setItem(TOKEN_KEY, token);
+      resolve(token);
+    };
+    const onKey = (ev) => { if (ev.key === "Enter") done(); };
+    ui.loginButton.addEventListener("click", done);
+    ui.tokenInput.addEventListener("keydown", onKey);
+  });
+}
+
 async function connect() {
   const res = await fetch("config.json", { cache: "no-store" });
   state.config = await res.json();
@@ -156,9 +221,12 @@ async function connect() {
     showNotice("The server does not know the broker's WebSocket URL (lamabus serve --nats-ws-url).");
     return false;
   }
+  let token = sessionStorage.getItem(TOKEN_KEY);
+  if (state.config.user && !token) token = await askToken("This page needs the login token that lamabus serve printed.");
   setStatus("connecting", `connecting to ${state.config.wsUrl}`);
   for (;;) {
     try {
+      const login = state.config.user ? { user: state.config.user, pass: token } : {};
       state.nc = await wsconnect({
         servers: state.config.wsUrl,
         name: `lamabus-web ${state.authorId}`,
@@ -166,9 +234,16 @@ async function connect() {
         reconnectTimeWait: 500,
         pingInterval: 5000,
         maxPingOut: 2,
+        ...login,
       });
       break;
     } catch (err) {
+      if (state.config.user && (err?.name === "AuthorizationError" || /authorization/i.test(String(err?.message)))) {
+        sessionStorage.removeItem(TOKEN_KEY);
+        token = await askToken("The broker refused that token.");
+        setStatus("connecting", `connecting to ${state.config.wsUrl}`);
+        continue;
+      }
       setStatus("disconnected", `cannot reach ${state.config.wsUrl}; retrying`);
       await new Promise((r) => setTimeout(r, 1000));
     }
@@ -304,7 +379,8 @@ async function createTopic() {
   try {
     await api("topics.create", { topicId: id, createdBy: state.authorId });
   } catch (err) {
-    if (err.code !== "conflict") { showNotice(`create topic: ${err.message}`); return; }
+    // A chat login may not create topics through the API; its first message creates the topic.
+    if (err.code !== "conflict" && err.code !== "forbidden") { showNotice(`create topic: ${err.message}`); return; }
   }
   ui.newTopic.value = "";
   showNotice("");
@@ -650,6 +726,7 @@ async function publishDurably(subj, data, id) {
     try {
       return await state.js.publish(subj, data, { msgID: id, timeout: 5000 });
     } catch (err) {
+      if (isForbidden(err)) throw forbidden(err); // trying again changes nothing
       if (Date.now() > deadline) throw err;
       await new Promise((r) => setTimeout(r, 500));
     }
@@ -696,7 +773,7 @@ async function stop() {
     if (reply.headers?.get("Nats-Service-Error-Code")) showNotice(`stop: ${body.code}: ${body.message}`);
     else if (!body.cancelled) showNotice("nothing was running", "info");
   } catch (err) {
-    showNotice(`stop: ${err.message}`);
+    showNotice(`stop: ${isForbidden(err) ? forbidden(err).message : err.message}`);
   }
   updateStop();
 }
@@ -759,11 +836,11 @@ async function refreshDiagnostics() {
 // ------------------------------------------------------------------ start
 
 function topicFromHash() {
-  const m = /^#topic=(.+)$/.exec(location.hash);
-  return m ? decodeURIComponent(m[1]) : null;
+  return new URLSearchParams(location.hash.slice(1)).get("topic");
 }
 
 async function main() {
+  takeTokenFromAddress();
   initAuthor();
   initSettings();
   ui.send.addEventListener("click", send);
@@ -779,6 +856,7 @@ async function main() {
   ui.diagRefresh.addEventListener("click", refreshDiagnostics);
   $("diagnostics-panel").addEventListener("toggle", (ev) => { if (ev.target.open) refreshDiagnostics(); });
   window.addEventListener("hashchange", () => {
+    takeTokenFromAddress(); // a login link pasted into an open tab: out of the address bar
     const t = topicFromHash();
     if (t && t !== state.topic) openTopic(t);
   });
