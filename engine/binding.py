@@ -371,6 +371,34 @@ class Llama:
     def seq_cp(self, src: int, dst: int) -> None:
         self.ll.llama_memory_seq_cp(self.mem, src, dst, -1, -1)  # non-unified: a stream copy, done in the next decode
 
+    # ---- sequence states (engine/kv_cache.py) ------------------------------
+
+    def seq_state(self, seq: int) -> Any:
+        """A copy of ``seq``'s KV cells (``llama_state_seq_get_data``), or None when it cannot be taken.
+
+        A ctypes buffer, kept as it is: no second copy into ``bytes`` (it has the buffer protocol)."""
+        ll = self.ll
+        n = int(ll.llama_state_seq_get_size(self.ctx, seq))
+        if n <= 0:
+            return None
+        buf = (ctypes.c_uint8 * n)()
+        got = int(ll.llama_state_seq_get_data(self.ctx, buf, n, seq))
+        return buf if got == n else None
+
+    def set_seq_state(self, seq: int, data: Any) -> bool:
+        """Put a state from :meth:`seq_state` (this model, this load configuration) into ``seq``, which
+        must be empty. False (and ``seq`` left empty) when llama.cpp refuses it."""
+        ll = self.ll
+        if isinstance(data, bytearray):
+            arr = (ctypes.c_uint8 * len(data)).from_buffer(data)  # no copy
+        else:
+            arr = data
+        n = ctypes.sizeof(arr)
+        if int(ll.llama_state_seq_set_data(self.ctx, arr, n, seq)) == 0:
+            ll.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            return False
+        return True
+
 
 def _grammar_reason(printed: str, logged: list[str]) -> str:
     for line in printed.splitlines():

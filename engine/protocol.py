@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar, Union
 
 import msgspec
 
-from engine.types import GenerateRequest, GenerationResult, ModelConfig
+from engine.types import GenerateRequest, GenerationResult, KvCacheConfig, ModelConfig
 from wire.params import SamplingParams
 from wire.decoding import decode_untrusted
 
@@ -42,6 +42,7 @@ class Load(_Msg, tag="load"):
     config: ModelConfig
     # n_gpu_layers actually requested after the parent's own checks (GPU retry lives in the worker)
     log_level: int = 3  # llama.cpp ggml_log_level at or above which log lines are forwarded to stderr
+    kv_cache: KvCacheConfig | None = None  # evicted sequences' KV states in RAM / on disk (None: off)
 
 
 class Generate(_Msg, tag="gen"):
@@ -146,6 +147,8 @@ class Stats(_Msg, tag="stats"):
     queued: int
     slots: list[dict[str, Any]]
     kv_moves: int = 0  # sequences moved to another id to keep the running ones consecutive (Worker.compact)
+    # The saved KV states (engine/kv_cache.py KvStates.stats): bytes held, hits, misses, restored tokens.
+    kv_cache: dict[str, int] = {}
 
 
 Event = Union[Loaded, LoadFailed, Chunk, Started, Checked, Done, Failed, Stats]

@@ -28,7 +28,8 @@ import msgspec
 from engine.gguf import ModelInfo, read_model_info
 from engine.memory import MemoryAvailable, MemoryPrediction, MemoryProbe, available_memory, fits, predict_memory
 from engine.protocol import Load
-from engine.types import GenerateRequest, GenerationResult, ModelConfig, TokenChunk
+from engine.kv_cache import model_sha256
+from engine.types import GenerateRequest, GenerationResult, KvCacheConfig, ModelConfig, TokenChunk
 from engine.worker_process import GenState, WorkerDied, WorkerProcess, signal_name
 from wire.errors import ErrorCode, LamaError
 from wire.params import GenerationParams, SamplingParams
@@ -69,12 +70,15 @@ class Engine:
         load_timeout: float = 120.0,
         llama_log_level: int = 4,
         worker_env: Mapping[str, str] | None = None,
+        kv_cache: KvCacheConfig | None = None,
     ) -> None:
         """``memory_probe``: what may be used now (tests pretend it is small). ``llama_log_level``: llama.cpp
         log lines at or above it (ggml levels: 2 info, 3 warn, 4 error) go to the worker's stderr.
         ``worker_env``: extra environment for workers, e.g. ``{"OMP_WAIT_POLICY": "PASSIVE"}`` on a box
         whose cores are oversubscribed (OpenMP's spinning barriers collapse there; on an idle box
-        spinning is faster, so it is not the default)."""
+        spinning is faster, so it is not the default). ``kv_cache``: where workers keep the KV states of
+        conversations that lost their slot (engine/kv_cache.py; None: nowhere)."""
+        self._kv_cache = kv_cache if kv_cache is not None and kv_cache.enabled else None
         self._python = worker_python
         self._worker_env = dict(worker_env or {})
         self._memory_probe = memory_probe
@@ -168,8 +172,22 @@ class Engine:
             self._handles[handle] = model
         return handle
 
+    async def _kv_config(self, path: str) -> KvCacheConfig | None:
+        """The worker's KV cache settings; on disk, states are keyed by the model file's SHA-256
+        (read once, remembered by size and mtime under the cache directory; off the event loop)."""
+        kv = self._kv_cache
+        if kv is None or kv.disk_bytes <= 0 or kv.disk_dir is None:
+            return kv
+        try:
+            digest = await asyncio.to_thread(model_sha256, path, kv.disk_dir)
+        except OSError as exc:
+            log.warning("%s: no KV states on disk, the model cannot be hashed: %s", path, exc)
+            return msgspec.structs.replace(kv, disk_bytes=0) if kv.ram_bytes > 0 else None
+        return msgspec.structs.replace(kv, model_sha256=digest)
+
     async def _start_worker(self, model: _Model) -> WorkerProcess:
-        worker = WorkerProcess(self._python, model.config, self._log_level, self._worker_env)
+        kv = await self._kv_config(model.config.model_path)
+        worker = WorkerProcess(self._python, model.config, self._log_level, self._worker_env, kv)
         await worker.start(self._load_timeout)
         return worker
 
@@ -341,6 +359,8 @@ class Engine:
                         "generations": len(w.gens) if w is not None else 0,
                         "slots": w.stats.slots if w is not None and w.stats is not None else None,
                         "kvMoves": w.stats.kv_moves if w is not None and w.stats is not None else 0,
+                        # saved KV states (engine/kv_cache.py): as of the worker's last report
+                        "kvCache": w.stats.kv_cache if w is not None and w.stats is not None else {},
                     },
                     "gpu": {
                         "nGpuLayersRequested": m.config.n_gpu_layers,

@@ -80,9 +80,18 @@ class Segment(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, n_seq: int, kv: KvCache, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        n_seq: int,
+        kv: KvCache,
+        clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[Slot], None] | None = None,
+    ) -> None:
+        """``on_evict(slot)``: called just before an idle slot's conversation loses its cells (its slot
+        goes to another conversation, or a running sequence is moved onto it), to save them."""
         self.kv = kv
         self.clock = clock
+        self.on_evict = on_evict
         self.slots = [Slot(i) for i in range(n_seq)]
         self.by_conv: dict[str, Slot] = {}
         self.active: list[Gen] = []
@@ -112,8 +121,7 @@ class Scheduler:
         """Run ``g`` on ``slot``, reusing the longest cached prefix of its prompt."""
         conv = g.conversation
         if slot.conversation is not None and slot.conversation != conv:
-            del self.by_conv[slot.conversation]
-            slot.conversation = None
+            self.evict(slot)
         if conv is not None:
             slot.conversation = conv
             self.by_conv[conv] = slot
@@ -132,6 +140,15 @@ class Scheduler:
         g.slot = slot
         slot.gen = g
         self.active.append(g)
+
+    def evict(self, slot: Slot) -> None:
+        """Unbind ``slot``'s conversation, after ``on_evict`` saved its cells; they stay until cut."""
+        if slot.conversation is None:
+            return
+        if self.on_evict is not None and slot.tokens:
+            self.on_evict(slot)
+        self.by_conv.pop(slot.conversation, None)
+        slot.conversation = None
 
     def release(self, g: Gen) -> None:
         slot = g.slot
@@ -178,12 +195,10 @@ class Scheduler:
     def _move(self, src: Slot, dst: Slot) -> None:
         """Give running ``src`` the sequence id of idle ``dst``, KV and all; ``dst`` gets ``src``'s, empty."""
         kv = self.kv
+        self.evict(dst)
         kv.seq_rm(dst.seq, -1, -1)
         kv.seq_cp(src.seq, dst.seq)
         kv.seq_rm(src.seq, -1, -1)
-        if dst.conversation is not None:
-            self.by_conv.pop(dst.conversation, None)
-            dst.conversation = None
         dst.tokens = []
         src.seq, dst.seq = dst.seq, src.seq
         self.kv_moves += 1

@@ -53,6 +53,25 @@ class ModelConfig(msgspec.Struct, frozen=True, rename="camel"):
         )
 
 
+class KvCacheConfig(msgspec.Struct, frozen=True):
+    """Where a worker keeps the KV states of sequences that lost their slot (engine/kv_cache.py).
+
+    ``ram_bytes``: per loaded model, in host memory (0: off). ``disk_bytes``: under ``disk_dir``
+    (0 or no directory: off), for the whole directory, least recently used files first (each worker
+    keeps it as it sees the directory). ``model_sha256``: the model file's hash, part of the disk key
+    (the engine fills it in per model).
+    """
+
+    ram_bytes: int = 0
+    disk_bytes: int = 0
+    disk_dir: str | None = None
+    model_sha256: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ram_bytes > 0 or (self.disk_bytes > 0 and self.disk_dir is not None)
+
+
 class ChatTurn(msgspec.Struct, frozen=True):
     role: Literal["system", "user", "assistant"]
     content: str

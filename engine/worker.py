@@ -28,8 +28,11 @@ import time
 from collections import deque
 from typing import Any
 
+import msgspec
+
 from engine.binding import Llama, check_build
 from engine.chat import fit_messages
+from engine.kv_cache import MIN_TOKENS, KvStates, bytes_tokens, model_dir_key, tokens_bytes
 from engine.protocol import (
     Cancel,
     Check,
@@ -49,9 +52,9 @@ from engine.protocol import (
     decode_command,
     event_encoder,
 )
-from engine.scheduler import Gen, Scheduler
+from engine.scheduler import Gen, Scheduler, Slot, common_prefix
 from engine.text import TextPipeline
-from engine.types import GenerateRequest, GenerationResult
+from engine.types import GenerateRequest, GenerationResult, KvCacheConfig, ModelConfig
 from wire.errors import ErrorCode, LamaError
 from wire.messages import Timing, Usage
 from wire.params import SamplingParams
@@ -63,10 +66,18 @@ def _now_ms() -> float:
     return time.time() * 1000.0
 
 
+#: Seconds a prompt waits for its saved state to be read from disk before it is evaluated instead.
+KV_READ_WAIT = 5.0
+
+
+class _Wake:
+    """Put on the command queue by the KV cache's disk thread when a read finished: the loop looks again."""
+
+
 class _Gen(Gen):
     __slots__ = (
         "req", "chain", "grammar", "gchain", "pipeline", "n_gen", "t_recv", "t_start", "t_start_ms", "t_first",
-        "dropped", "truncated", "start_thinking",
+        "dropped", "truncated", "start_thinking", "kv_tokens", "kv_wait_until", "kv_wait_key", "kv_hit",
     )
 
     def __init__(self, gid: int, req: GenerateRequest) -> None:
@@ -84,6 +95,10 @@ class _Gen(Gen):
         self.dropped = 0
         self.truncated = False
         self.start_thinking = False
+        self.kv_tokens: bytes | None = None  # the prompt as the KV cache keys it (engine/kv_cache.py)
+        self.kv_wait_until = 0.0  # waiting for its saved state to come from disk, until then
+        self.kv_wait_key = ""  # that state
+        self.kv_hit = False  # its prompt's start was restored from a saved state
 
 
 class Worker:
@@ -95,6 +110,7 @@ class Worker:
         self.llama = Llama()
         self.sched: Scheduler | None = None
         self.waiting: deque[_Gen] = deque()
+        self.kv: KvStates | None = None  # saved states of sequences that lost their slot
 
     @property
     def active(self) -> list[_Gen]:
@@ -134,10 +150,20 @@ class Worker:
                     # Block only when there is nothing to do: requests left waiting when every
                     # running sequence ended in the same step must be admitted now, not when
                     # some unrelated command happens to arrive. With nothing active, admit()
-                    # always starts or refuses at least one waiting request, so this never spins.
+                    # always starts or refuses at least one waiting request, so this never spins,
+                    # except while waiting requests wait for their saved KV state from disk:
                     cmd = self.commands.get()
                     if not self.handle(cmd):
                         return 0
+                elif not self.active and (wait := self._waiting_on_disk()) is not None:
+                    # ... then the disk thread's _Wake (or the wait's end) unblocks the loop.
+                    try:
+                        cmd = self.commands.get(timeout=wait)
+                    except queue.Empty:
+                        pass
+                    else:
+                        if not self.handle(cmd):
+                            return 0
                 while True:
                     try:
                         cmd = self.commands.get_nowait()
@@ -170,7 +196,7 @@ class Worker:
             self.flush()
         elif isinstance(cmd, Shutdown):
             return False
-        return True  # Cancel: already recorded by the reader thread
+        return True  # Cancel: already recorded by the reader thread; _Wake: the loop looks again
 
     def receive(self, g: _Gen) -> None:
         s = g.req.sampling
@@ -211,13 +237,101 @@ class Worker:
         except Exception as exc:
             self.emit(LoadFailed(ErrorCode.MODEL_LOAD_FAILED.value, f"model load failed: {exc!r}"))
         else:
-            self.sched = Scheduler(self.llama.n_seq, self.llama)
+            self.kv = self._open_kv(cmd.kv_cache, cmd.config)
+            self.sched = Scheduler(self.llama.n_seq, self.llama, on_evict=self.save_state if self.kv else None)
             self.emit(loaded)
+
+    def _open_kv(self, kv: KvCacheConfig | None, config: ModelConfig) -> KvStates | None:
+        if kv is None or not kv.enabled:
+            return None
+        dir_key = ""
+        if kv.disk_bytes > 0 and kv.disk_dir and kv.model_sha256:
+            # a state's layout depends on the model, the load configuration and llama.cpp's version
+            params = msgspec.to_builtins(config)
+            params.pop("modelPath", None)
+            dir_key = model_dir_key(kv.model_sha256, params, str(getattr(self.llama.ll, "__version__", "?")))
+        try:
+            return KvStates(ram_bytes=kv.ram_bytes, disk_bytes=kv.disk_bytes if dir_key else 0,
+                            disk_root=kv.disk_dir, dir_key=dir_key, wake=lambda: self.commands.put(_Wake()))
+        except Exception as exc:  # the cache is an optimisation: the worker runs without it
+            print(f"engine.worker: KV cache off: {exc!r}", file=sys.stderr)
+            return None
 
     def close(self) -> None:
         for g in list(self.active) + list(self.waiting):
             self._free_samplers(g)
+        if self.kv is not None:
+            self._save_resident()
+            self.kv.close()
         self.llama.close()
+
+    def _save_resident(self) -> None:
+        """On the way out, every conversation still in a slot goes to the disk layer, so a restarted
+        service restores it instead of evaluating it again (a killed worker saves nothing)."""
+        assert self.kv is not None and self.sched is not None
+        if not self.kv.disk_bytes:
+            return
+        for slot in self.sched.slots:
+            if slot.conversation is not None and slot.gen is None:
+                self.save_state(slot)
+
+    # ---- saved KV states (engine/kv_cache.py) -----------------------------
+
+    def save_state(self, slot: Slot) -> None:
+        """The scheduler's ``on_evict``: keep the cells of a conversation that loses its slot."""
+        kv = self.kv
+        if kv is None or len(slot.tokens) < MIN_TOKENS:
+            return
+        try:
+            data = self.llama.seq_state(slot.seq)
+        except Exception as exc:
+            print(f"engine.worker: KV state of sequence {slot.seq} not saved: {exc!r}", file=sys.stderr)
+            return
+        if data is not None:
+            kv.save(tokens_bytes(slot.tokens), data, slot.conversation)
+
+    def restore(self, g: _Gen, slot: Slot) -> bool:
+        """Put the saved state that matches the longest start of ``g``'s prompt into ``slot`` when it
+        beats what the slot holds. False: the state is being read from disk and ``g`` waits for it
+        (at most KV_READ_WAIT seconds; the disk thread wakes the loop)."""
+        kv = self.kv
+        assert kv is not None and g.tokens is not None
+        if g.kv_wait_until and kv.reading(g.kv_wait_key) and time.monotonic() < g.kv_wait_until:
+            return False  # still on its way (checked without a search: this runs every decode step)
+        if g.kv_tokens is None:
+            g.kv_tokens = tokens_bytes(g.tokens)
+        found = kv.find(g.kv_tokens, common_prefix(slot.tokens, g.tokens))
+        if found is not None and not found.ready:
+            now = time.monotonic()
+            if not g.kv_wait_until:
+                g.kv_wait_until = now + KV_READ_WAIT
+            if now < g.kv_wait_until:
+                g.kv_wait_key = found.entry.key
+                return False
+            found = None  # the disk is too slow: evaluate instead
+        g.kv_wait_until = 0.0
+        if found is not None:
+            assert self.sched is not None
+            self.sched.evict(slot)  # the slot's own conversation is saved first
+            data = kv.take(found)
+            self.llama.seq_rm(slot.seq, -1, -1)
+            if self.llama.set_seq_state(slot.seq, data):
+                slot.tokens = bytes_tokens(found.entry.tokens)
+                g.kv_hit = True  # counted once start() says how many tokens it kept
+                return True
+            slot.tokens = []
+            kv.discard(found)
+            print(f"engine.worker: llama.cpp refused a saved KV state ({found.entry.n_tokens} tokens); deleted",
+                  file=sys.stderr)
+        kv.counted(False)
+        return True
+
+    def _waiting_on_disk(self) -> float | None:
+        """Seconds until the first waiting prompt stops waiting for a disk read, when every waiting
+        prompt waits for one (the loop may then block); None otherwise."""
+        if self.kv is None or not self.waiting or any(not g.kv_wait_until for g in self.waiting):
+            return None
+        return max(0.0, min(g.kv_wait_until for g in self.waiting) - time.monotonic())
 
     def _free_samplers(self, g: _Gen) -> None:
         if g.chain:
@@ -272,11 +386,17 @@ class Worker:
                 slot = sched.pick_slot(g)
                 if slot is None:
                     continue
+                t_start, t_start_ms = time.perf_counter(), _now_ms()  # a restore counts in its TTFT
+                restoring = self.kv is not None and slot.conversation != g.conversation
+                if restoring and not self.restore(g, slot):
+                    continue  # its saved state is on its way from disk
                 self.waiting.remove(g)
                 sched.start(g, slot)
+                if g.kv_hit and self.kv is not None:
+                    self.kv.counted(True, g.cached)
                 g.chain = self.llama.make_chain(g.req.sampling)
-                g.t_start = time.perf_counter()
-                g.t_start_ms = _now_ms()
+                g.t_start = t_start
+                g.t_start_ms = t_start_ms
                 self.emit(Started(g.gid, slot.seq, len(g.tokens), g.cached, g.dropped, g.truncated))  # type: ignore[arg-type]
             except LamaError as exc:
                 self._refuse(g, exc.code.value, exc.message, exc.details)
@@ -416,7 +536,8 @@ class Worker:
     def stats(self) -> Stats:
         sched = self.sched
         assert sched is not None
-        return Stats(active=len(sched.active), queued=len(self.waiting), slots=sched.slot_stats(), kv_moves=sched.kv_moves)
+        return Stats(active=len(sched.active), queued=len(self.waiting), slots=sched.slot_stats(), kv_moves=sched.kv_moves,
+                     kv_cache=self.kv.stats() if self.kv is not None else {})
 
 
 def _set_parent_death_signal() -> None:

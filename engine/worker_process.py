@@ -38,7 +38,7 @@ from engine.protocol import (
     decode_event,
     frame,
 )
-from engine.types import GenerateRequest, GenerationResult, ModelConfig, TokenChunk
+from engine.types import GenerateRequest, GenerationResult, KvCacheConfig, ModelConfig, TokenChunk
 from wire.errors import ErrorCode, LamaError
 from wire.params import SamplingParams
 
@@ -82,11 +82,15 @@ class GenState:
 class WorkerProcess:
     """One ``python -m engine.worker`` process and the tasks that read its pipes."""
 
-    def __init__(self, python: str, config: ModelConfig, log_level: int, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, python: str, config: ModelConfig, log_level: int, extra_env: dict[str, str],
+        kv_cache: KvCacheConfig | None = None,
+    ) -> None:
         self.python = python
         self.extra_env = extra_env
         self.config = config
         self.log_level = log_level
+        self.kv_cache = kv_cache
         self.proc: asyncio.subprocess.Process | None = None
         self.gens: dict[int, GenState] = {}
         self.next_gid = 1
@@ -122,7 +126,7 @@ class WorkerProcess:
             asyncio.create_task(self._read_events(), name=f"engine-worker-{self.proc.pid}-events"),
             asyncio.create_task(self._read_stderr(), name=f"engine-worker-{self.proc.pid}-stderr"),
         ]
-        self.send(Load(self.config, self.log_level))
+        self.send(Load(self.config, self.log_level, self.kv_cache))
         try:
             loaded = await asyncio.wait_for(asyncio.shield(self._loaded_fut), timeout)
         except asyncio.TimeoutError:

@@ -252,6 +252,28 @@ class ServiceMetrics:
             log.warning("could not read the KV cache usage from the engine's diagnostics", exc_info=True)
         return usage
 
+    def _kv_saved(self) -> dict[str, dict[str, int]]:
+        """The saved KV states of each model's worker (engine/kv_cache.py): bytes in RAM, hits, misses,
+        restored tokens, as of the worker's last report. A restarted worker starts its counts again."""
+        if self._engine is None:
+            return {}
+        by_handle = {m.handle: m.model_id for m in self._loaded.loaded()} if self._loaded is not None else {}
+        out: dict[str, dict[str, int]] = {}
+        try:
+            for m in self._engine.diagnostics().get("models", []):
+                kv = (m.get("worker") or {}).get("kvCache") or {}
+                if not kv:
+                    continue
+                model = next((by_handle[h] for h in m.get("handles", ()) if h in by_handle), None)
+                if model is None:
+                    model = os.path.basename(str(m.get("path") or m.get("name") or ""))
+                mine = out.setdefault(model, collections.Counter())
+                for k in ("ramBytes", "diskBytes", "hits", "misses", "restoredTokens"):
+                    mine[k] += int(kv.get(k, 0))
+        except Exception:  # a scrape must answer even if the engine's report changes shape
+            log.warning("could not read the saved KV states from the engine's diagnostics", exc_info=True)
+        return out
+
 
 class _Collector:
     """Counters and gauges, made from the recorder's plain counts at scrape time."""
@@ -316,6 +338,43 @@ class _Collector:
         for model, ratio in sorted(m._kv_usage().items()):
             kv.add_metric([model], ratio)
         yield kv
+
+        saved = m._kv_saved()
+        for name, key, doc, family_type in (
+            ("kv_cache_ram_bytes", "ramBytes", "Bytes of saved KV states held in host memory (conversations that "
+             "lost their slot; kv_cache_ram).", GaugeMetricFamily),
+            ("kv_cache_disk_bytes", "diskBytes", "Bytes of saved KV states on disk (kv_cache_disk).", GaugeMetricFamily),
+            ("kv_cache_hits", "hits", "Prompts whose start was restored from a saved KV state.", CounterMetricFamily),
+            ("kv_cache_misses", "misses", "Prompts that looked for a saved KV state and found none.",
+             CounterMetricFamily),
+            ("kv_cache_restored_tokens", "restoredTokens", "Prompt tokens restored from saved KV states instead of "
+             "evaluated.", CounterMetricFamily),
+        ):
+            family = family_type(PREFIX + name, doc, labels=["model"])
+            for model, figures in sorted(saved.items()):
+                family.add_metric([model], figures.get(key, 0))
+            yield family
+
+
+def _quota_families(quotas: QuotasLike | None) -> Iterator[Metric]:
+    """Per-author quotas (handlers/quotas.py): every path and quota is listed, at 0 until one happens."""
+    if quotas is None:
+        return
+    refusals = CounterMetricFamily(PREFIX + "quota_refusals", "Requests refused by a per-author quota, by path "
+                                   "(topic: chat messages; llm: llm.generate) and quota (max_tokens, prompt, rate, "
+                                   "running).", labels=["path", "quota"])
+    clamped = CounterMetricFamily(PREFIX + "quota_clamped", "Requests whose maxTokens was lowered to the cap "
+                                  "(quota_max_tokens_policy = clamp), by path.", labels=["path"])
+    for path in PATHS:
+        for quota in QUOTAS:
+            refusals.add_metric([path, quota], quotas.refusals.get((path, quota), 0))
+        clamped.add_metric([path], quotas.clamped.get(path, 0))
+    yield refusals
+    yield clamped
+    authors = GaugeMetricFamily(PREFIX + "quota_authors", "Authors whose quotas are being kept now (active in "
+                                "the last minute, or with a request running).")
+    authors.add_metric([], float(quotas.stats().get("authors", 0)))
+    yield authors
 
 
 def _add(family: CounterMetricFamily, counts: Iterable[tuple[tuple[str, str], int]] | dict[Any, int]) -> None:
