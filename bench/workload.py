@@ -46,6 +46,11 @@ class BusBenchConfig:
     workdir: str | None = None
     #: Directory holding llama-server and llama-batched-bench (bench/llama_server_build.py); None: no peer.
     llama_server_dir: str | None = None
+    #: Layers every side offloads to a GPU (llama.cpp's count; 999: all): the bus's model (its gpuLayers),
+    #: llama-cpp-python, the raw loop, llama-server and llama-batched-bench (-ngl). 0: the CPU.
+    gpu_layers: int = 0
+    #: Only one stream and the concurrent topics (bench/gpu_check.sh): no conversation, variants or profile.
+    streams_only: bool = False
     log: Callable[[str], None] = print
 
 

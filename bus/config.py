@@ -61,6 +61,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     liveness_interval: Annotated[float, Meta(gt=0, le=600)] = 5.0
     #: Window in which JetStream drops a re-published message with the same id.
     duplicate_window: Annotated[float, Meta(ge=1, le=7 * 86400)] = 120.0
+    #: Layers a model offloads to the GPU when its own ``gpuLayers`` is unset or -1 (auto): -1 is auto (as
+    #: many as fit in free VRAM, 0 on a CPU build: wire.params' default), 0 keeps every model on the CPU, a
+    #: count (99: all) asks for that many and is refused ``out_of_memory`` when they cannot fit.
+    gpu_layers: Annotated[int, Meta(ge=-1, le=10_000)] | None = None
     #: Models kept loaded at once; the least recently used is unloaded beyond this.
     max_loaded_models: Annotated[int, Meta(ge=1, le=64)] = 2
     #: Seconds a loaded model may sit idle before it is unloaded (0 = never).

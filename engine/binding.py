@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from engine import gpu
 from engine.chat import ChatTemplate
 from engine.protocol import Loaded
 from engine.scheduler import Segment
@@ -73,6 +74,7 @@ class Llama:
         self._log_cb = None
         self._forwarding = False
         self._captured: list[str] | None = None
+        self._load_lines: list[str] | None = None  # every log line of a load (GPU layers, buffer sizes)
 
     # ---- logs -----------------------------------------------------------
 
@@ -80,6 +82,8 @@ class Llama:
         s = text.decode("utf-8", errors="replace") if text else ""
         if self._captured is not None:
             self._captured.append(s)
+        if self._load_lines is not None:
+            self._load_lines.append(s)
         if level == _GGML_LOG_CONT and self.log_tail:
             self.log_tail[-1] += s
             forward = self._forwarding
@@ -110,22 +114,36 @@ class Llama:
         system_info = (ll.llama_print_system_info() or b"").decode(errors="replace")
         check_build(system_info)
         supports_gpu = bool(ll.llama_supports_gpu_offload())
-        requested = cfg.n_gpu_layers
+        # The test hook (engine/gpu.py): a first load with GPU layers fails as an out-of-VRAM one would.
+        fail_gpu_load = "load-fail" in gpu.faults()
+        requested = cfg.n_gpu_layers  # a count: the parent's plan (engine.memory.plan_load) resolved "auto"
         reason_no_gpu: str | None = None
         n_gpu = requested
-        if not supports_gpu:
+        fell_back = False
+        if requested == 0:
+            reason_no_gpu = "n_gpu_layers is 0"
+        elif not supports_gpu and not fail_gpu_load:
             n_gpu = 0
             reason_no_gpu = "this llama.cpp build has no GPU backend (llama_supports_gpu_offload() is false); using CPU"
-        elif requested == 0:
-            reason_no_gpu = "n_gpu_layers is 0"
+        before = gpu.devices(ll) if supports_gpu else None
 
-        model, ctx = self._load_model_and_context(cfg, n_gpu)
-        if (model is None or ctx is None) and n_gpu != 0:
-            why = self.last_log() or "no reason logged"
-            model, ctx = self._load_model_and_context(cfg, 0)
-            if model is not None and ctx is not None:
-                reason_no_gpu = f"loading with n_gpu_layers={n_gpu} failed ({why}); fell back to CPU"
-                n_gpu = 0
+        self._load_lines = []
+        try:
+            if fail_gpu_load and n_gpu != 0:
+                model = ctx = None
+                why = f"{gpu.FAULT_ENV}=load-fail: a simulated out-of-VRAM allocation"
+            else:
+                model, ctx = self._load_model_and_context(cfg, n_gpu)
+                why = self.last_log() or "no reason logged"
+            if (model is None or ctx is None) and n_gpu != 0:
+                # Never a crash for a GPU that cannot take the model (driver, VRAM): the CPU gets it.
+                model, ctx = self._load_model_and_context(cfg, 0)
+                if model is not None and ctx is not None:
+                    reason_no_gpu = f"loading with n_gpu_layers={n_gpu} failed ({why}); fell back to CPU"
+                    n_gpu, fell_back = 0, True
+            load_lines = self._load_lines
+        finally:
+            self._load_lines = None
         if model is None:
             raise LamaError(
                 ErrorCode.MODEL_LOAD_FAILED,
@@ -158,13 +176,20 @@ class Llama:
         self.bos_text = self._piece(bos_id, special=True).decode(errors="replace") if bos_id >= 0 else ""
         eos_text = self._piece(eos_id, special=True).decode(errors="replace") if eos_id >= 0 else ""
         self.template = ChatTemplate(source, bos_token=self.bos_text, eos_token=eos_text)
+        # What llama.cpp itself says it offloaded ("offloaded 9/9 layers to GPU"), not what was asked.
+        offloaded = gpu.offloaded_layers(load_lines) if supports_gpu and n_gpu != 0 else 0
+        if offloaded is None:
+            offloaded = min(n_gpu, int(ll.llama_model_n_layer(model)) + 1) if n_gpu > 0 else 0
+        after = gpu.devices(ll) if supports_gpu else None
+        vram_used = (sum(d.free_bytes for d in before) - sum(d.free_bytes for d in after)
+                     if before and after and len(before) == len(after) else None)
         return Loaded(
             pid=os.getpid(),
             llama_cpp_version=str(getattr(ll, "__version__", "unknown")),
             system_info=system_info.strip(),
             supports_gpu_offload=supports_gpu,
             n_gpu_layers_requested=requested,
-            n_gpu_layers_used=n_gpu,
+            n_gpu_layers_used=offloaded,
             reason_no_gpu=reason_no_gpu,
             n_ctx_seq=self.n_ctx_seq,
             n_seq_max=self.n_seq,
@@ -175,6 +200,10 @@ class Llama:
             load_seconds=time.perf_counter() - t0,
             model_bytes=int(ll.llama_model_size(model)),
             n_params=int(ll.llama_model_n_params(model)),
+            gpu_devices=tuple(after or ()),
+            vram_used_bytes=vram_used,
+            buffers=gpu.buffer_sizes(load_lines),
+            gpu_fallback=fell_back,
         )
 
     def _load_model_and_context(self, cfg: ModelConfig, n_gpu: int) -> tuple[Any, Any]:

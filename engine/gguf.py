@@ -78,6 +78,14 @@ class ModelInfo(msgspec.Struct, frozen=True, rename="camel"):
     bos_token: str | None = None
     eos_token: str | None = None
     tensor_data_offset: int = 0
+    # Added with issue 22 (where the weights go when layers are offloaded; llama.cpp's split):
+    #: bytes of each repeating block ``blk.N.*``, by N
+    layer_bytes: tuple[int, ...] = ()
+    #: the output layer (``output_norm``, ``output``; the token embedding again when they are tied,
+    #: as llama.cpp then duplicates it onto the output layer's device)
+    output_bytes: int = 0
+    #: the input layer (``token_embd``) and anything outside a block: always on the CPU in llama.cpp
+    input_bytes: int = 0
 
     @property
     def n_embd_k_gqa(self) -> int | None:
@@ -251,8 +259,11 @@ def _parse(buf: mmap.mmap, path: str, size: int) -> ModelInfo:
         meta[key] = w.value(vtype, key)
     params = 0
     data_end = 0
+    layers: dict[int, int] = {}
+    output = input_ = embd = 0
+    has_output = False
     for _ in range(n_tensors):
-        w.string()
+        tname = w.string()
         n_dims = w.u32()
         if n_dims > 8:
             raise _invalid(path, f"tensor with {n_dims} dimensions")
@@ -263,7 +274,22 @@ def _parse(buf: mmap.mmap, path: str, size: int) -> ModelInfo:
         offset = w.u64()
         params += elements
         block, nbytes = _GGML_TYPE_SIZE.get(ggml_type, (1, 0))
-        data_end = max(data_end, offset + elements // block * nbytes)
+        tbytes = elements // block * nbytes
+        data_end = max(data_end, offset + tbytes)
+        if tname.startswith("blk."):
+            idx = tname[4:].partition(".")[0]
+            if idx.isdigit() and len(idx) <= 7:
+                if int(idx) >= n_tensors:  # every block has a tensor: a larger index is a corrupt name
+                    raise _invalid(path, f"tensor {tname[:80]!r} names block {idx} of a {n_tensors}-tensor file")
+                layers[int(idx)] = layers.get(int(idx), 0) + tbytes
+                continue
+        if tname.startswith("output"):
+            output += tbytes
+            has_output = has_output or tname == "output.weight"
+        else:
+            input_ += tbytes
+            if tname == "token_embd.weight":
+                embd = tbytes
     alignment = meta.get("general.alignment", _ALIGNMENT_DEFAULT)
     if not isinstance(alignment, int) or alignment <= 0:
         raise _invalid(path, f"bad general.alignment {alignment!r}")
@@ -322,4 +348,7 @@ def _parse(buf: mmap.mmap, path: str, size: int) -> ModelInfo:
         bos_token=bos,
         eos_token=eos,
         tensor_data_offset=data_start,
+        layer_bytes=tuple(layers.get(i, 0) for i in range(max(layers) + 1)) if layers else (),
+        output_bytes=output + (0 if has_output else embd),
+        input_bytes=input_,
     )

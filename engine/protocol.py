@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar, Union
 
 import msgspec
 
+from engine.gpu import GpuDevice
 from engine.types import GenerateRequest, GenerationResult, KvCacheConfig, ModelConfig
 from wire.params import SamplingParams
 from wire.decoding import decode_untrusted
@@ -97,6 +98,11 @@ class Loaded(_Msg, tag="loaded"):
     load_seconds: float
     model_bytes: int
     n_params: int
+    # Added with issue 22: what the GPU really got (engine/gpu.py).
+    gpu_devices: tuple[GpuDevice, ...] = ()  # each GPU ggml sees, its memory as of just after the load
+    vram_used_bytes: int | None = None  # the devices' free memory before the load minus after it
+    buffers: dict[str, int] = {}  # llama.cpp's "<buffer> <model|KV|compute>" sizes, bytes
+    gpu_fallback: bool = False  # a load with GPU layers failed and this one runs on the CPU
 
 
 class LoadFailed(_Msg, tag="load_failed"):

@@ -20,19 +20,28 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
 
 from engine.gguf import ModelInfo, read_model_info
-from engine.memory import MemoryAvailable, MemoryPrediction, MemoryProbe, available_memory, fits, predict_memory
+from engine.gpu import GpuProbe, is_host_buffer
+from engine.gpu import probe as probe_gpu
+from engine.memory import (
+    MemoryAvailable,
+    MemoryPrediction,
+    MemoryProbe,
+    available_memory,
+    offloadable_layers,
+    plan_load,
+)
 from engine.protocol import Load
 from engine.kv_cache import model_sha256
 from engine.types import GenerateRequest, GenerationResult, KvCacheConfig, ModelConfig, TokenChunk
 from engine.worker_process import GenState, WorkerDied, WorkerProcess, signal_name
 from wire.errors import ErrorCode, LamaError
-from wire.params import GenerationParams, SamplingParams
+from wire.params import GPU_LAYERS_AUTO, GenerationParams, SamplingParams
 
 log = logging.getLogger("engine")
 
@@ -51,6 +60,9 @@ class _Model:
         self.info = info
         self.prediction = prediction
         self.available_at_load: MemoryAvailable | None = None
+        self.requested_gpu_layers = config.n_gpu_layers
+        self.gpu_at_load: GpuProbe | None = None
+        self.gpu_note: str | None = None  # why fewer layers than all were planned for the GPU
         self.requested_seq_max = config.n_seq_max
         self.handles: set[str] = set()
         self.worker: WorkerProcess | None = None
@@ -70,6 +82,8 @@ class Engine:
         load_timeout: float = 120.0,
         llama_log_level: int = 4,
         worker_env: Mapping[str, str] | None = None,
+        gpu_probe: Callable[[], Awaitable[GpuProbe]] | None = None,
+        gpu_layers: int | None = None,
         kv_cache: KvCacheConfig | None = None,
     ) -> None:
         """``memory_probe``: what may be used now (tests pretend it is small). ``llama_log_level``: llama.cpp
@@ -79,6 +93,11 @@ class Engine:
         spinning is faster, so it is not the default). ``kv_cache``: where workers keep the KV states of
         conversations that lost their slot (engine/kv_cache.py; None: nowhere)."""
         self._kv_cache = kv_cache if kv_cache is not None and kv_cache.enabled else None
+        # ``gpu_probe``: what GPU a load may use now (default: engine.gpu.probe in a child process; tests
+        # pretend). ``gpu_layers``: the service's n_gpu_layers for models whose own is "auto" (None: auto).
+        self._gpu_probe = gpu_probe
+        self._gpu_known: GpuProbe | None = None  # a probe without devices: the build or the driver, kept
+        self._gpu_layers = gpu_layers
         self._python = worker_python
         self._worker_env = dict(worker_env or {})
         self._memory_probe = memory_probe
@@ -134,6 +153,8 @@ class Engine:
         config = self._validate_config(config)
         path = os.path.realpath(config.model_path)
         config = msgspec.structs.replace(config, model_path=path)
+        if config.n_gpu_layers == GPU_LAYERS_AUTO and self._gpu_layers is not None:
+            config = msgspec.structs.replace(config, n_gpu_layers=self._gpu_layers)
         info = await self.model_info(path)
         st = os.stat(path)
         key = (path, st.st_size, st.st_mtime_ns, *msgspec.structs.astuple(config)[1:])
@@ -142,31 +163,22 @@ class Engine:
             model = self._models.get(key)
             if model is None:
                 requested = config
-                prediction = predict_memory(info, config)
+                gpu = await self._gpu() if config.n_gpu_layers != 0 else None
                 available = self._memory_probe()
-                # Fewer parallel sequences before giving up: a model that serves one conversation
-                # at a time beats one that does not load (most of the KV cache is per sequence).
-                while not fits(prediction, available) and config.n_seq_max > 1:
-                    config = msgspec.structs.replace(config, n_seq_max=config.n_seq_max // 2)
-                    prediction = predict_memory(info, config)
-                if not fits(prediction, available):
-                    raise LamaError(
-                        ErrorCode.OUT_OF_MEMORY,
-                        f"{path} needs about {prediction.total_bytes / 2**20:.0f} MiB "
-                        f"(weights {prediction.weights_bytes / 2**20:.0f}, KV cache {prediction.kv_cache_bytes / 2**20:.0f}, "
-                        f"compute {prediction.compute_bytes / 2**20:.0f}) but only {available.bytes / 2**20:.0f} MiB "
-                        f"are available ({available.source}); lower contextSize or parallel",
-                        needed=prediction.total_bytes,
-                        available=available.bytes,
-                    )
+                # RAM and VRAM, layers for "auto", fewer sequences before out_of_memory (engine/memory.py)
+                plan = plan_load(info, config, available, gpu)
+                config, prediction = plan.config, plan.prediction
                 if config.n_seq_max != requested.n_seq_max:
                     log.warning("%s: %d parallel sequences would not fit in %.0f MiB; loading with %d",
                                 path, requested.n_seq_max, available.bytes / 2**20, config.n_seq_max)
                 model = _Model(key, config, info, prediction)
                 model.requested_seq_max = requested.n_seq_max
                 model.available_at_load = available
+                model.requested_gpu_layers = plan.requested_gpu_layers
+                model.gpu_at_load, model.gpu_note = gpu, plan.note
                 model.worker = await self._start_worker(model)
                 self._models[key] = model
+                self._log_gpu(model)
             handle = "ctx-" + secrets.token_hex(12)
             model.handles.add(handle)
             self._handles[handle] = model
@@ -184,6 +196,35 @@ class Engine:
             log.warning("%s: no KV states on disk, the model cannot be hashed: %s", path, exc)
             return msgspec.structs.replace(kv, disk_bytes=0) if kv.ram_bytes > 0 else None
         return msgspec.structs.replace(kv, model_sha256=digest)
+
+    async def _gpu(self) -> GpuProbe:
+        """What GPU a load may use now. A probe that found no device is kept (a CPU build stays one; a
+        broken driver stays broken until a restart); one with devices is asked again (free VRAM moves)."""
+        if self._gpu_known is not None:
+            return self._gpu_known
+        if self._gpu_probe is not None:
+            found = await self._gpu_probe()
+        else:
+            found = await probe_gpu(self._python, self._worker_env)
+        if not found.devices:
+            self._gpu_known = found
+        return found
+
+    def _log_gpu(self, model: _Model) -> None:
+        """One line when the GPU did not get what was planned: why, so that a slow CPU load is explained."""
+        loaded = model.worker.loaded if model.worker is not None else None
+        if loaded is None:
+            return
+        planned = model.config.n_gpu_layers
+        if loaded.gpu_fallback or (planned > 0 and loaded.n_gpu_layers_used == 0):
+            log.warning("%s: running on the CPU, not the GPU: %s", model.config.model_path,
+                        loaded.reason_no_gpu or "llama.cpp offloaded no layer")
+        elif model.requested_gpu_layers != 0 and planned == 0 and model.gpu_note:
+            log.info("%s: on the CPU: %s", model.config.model_path, model.gpu_note)
+        elif planned > 0:
+            log.info("%s: %d of %d layers on %s", model.config.model_path, loaded.n_gpu_layers_used,
+                     offloadable_layers(model.info),
+                     ", ".join(d.description or d.name for d in loaded.gpu_devices) or "the GPU")
 
     async def _start_worker(self, model: _Model) -> WorkerProcess:
         kv = await self._kv_config(model.config.model_path)
@@ -362,11 +403,7 @@ class Engine:
                         # saved KV states (engine/kv_cache.py): as of the worker's last report
                         "kvCache": w.stats.kv_cache if w is not None and w.stats is not None else {},
                     },
-                    "gpu": {
-                        "nGpuLayersRequested": m.config.n_gpu_layers,
-                        "nGpuLayersUsed": loaded.n_gpu_layers_used if loaded else None,
-                        "reasonNoGPU": loaded.reason_no_gpu if loaded else None,
-                    },
+                    "gpu": _gpu_diagnostics(m),
                     "context": {
                         "nCtxPerSequence": loaded.n_ctx_seq if loaded else None,
                         "nSeqMax": loaded.n_seq_max if loaded else None,
@@ -376,6 +413,7 @@ class Engine:
                         "chatTemplateNote": loaded.chat_template_note if loaded else None,
                     },
                     "memory": {
+                        # RAM and VRAM for the layers planned (ramBytes, vramBytes, gpuLayers)
                         "predicted": msgspec.to_builtins(m.prediction),
                         "availableAtLoad": msgspec.to_builtins(m.available_at_load) if m.available_at_load else None,
                     },
@@ -389,6 +427,37 @@ class Engine:
             "build": build,
             "memoryAvailable": msgspec.to_builtins(self._memory_probe()),
         }
+
+
+def _gpu_diagnostics(m: _Model) -> dict[str, Any]:
+    """Layers asked for, planned and really offloaded (llama.cpp's own count), the device, VRAM, why not."""
+    w = m.worker
+    loaded = w.loaded if w is not None else None
+    requested = m.requested_gpu_layers
+    devices = list(loaded.gpu_devices) if loaded is not None else []
+    buffers = dict(loaded.buffers) if loaded is not None else {}
+    used = loaded.n_gpu_layers_used if loaded else None
+    reason = loaded.reason_no_gpu if loaded else None
+    if loaded is not None and used == 0 and m.config.n_gpu_layers == 0 and m.gpu_note and requested != 0:
+        reason = m.gpu_note  # the plan's reason (no device, no layer fits) beats the worker's "n_gpu_layers is 0"
+    return {
+        "nGpuLayersRequested": "auto" if requested == GPU_LAYERS_AUTO else requested,
+        "nGpuLayersPlanned": m.config.n_gpu_layers,
+        "nGpuLayersUsed": used,
+        "layers": offloadable_layers(m.info),
+        "device": ", ".join(d.description or d.name for d in devices) or None,
+        "devices": [msgspec.to_builtins(d) for d in devices],
+        "vramTotalBytes": sum(d.total_bytes for d in devices) if devices else None,
+        "vramFreeBytes": sum(d.free_bytes for d in devices) if devices else None,  # just after the load
+        "vramFreeBeforeLoadBytes": m.gpu_at_load.free_bytes if m.gpu_at_load and m.gpu_at_load.devices else None,
+        # llama.cpp's own GPU buffers (weights, KV cache, compute), and the drop in free VRAM it caused
+        "vramUsedByModelBytes": sum(v for k, v in buffers.items() if not is_host_buffer(k)) if loaded else None,
+        "vramFreeDropBytes": loaded.vram_used_bytes if loaded else None,
+        "buffers": buffers,
+        "fellBackToCpu": bool(loaded.gpu_fallback) if loaded else False,
+        "reasonNoGPU": reason,
+        "note": m.gpu_note,
+    }
 
 
 def _one_constraint(sampling: SamplingParams) -> None:

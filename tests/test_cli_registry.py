@@ -216,16 +216,17 @@ async def test_node_flag_asks_the_named_node(service, capsys):
     c, node = conn(service), service.settings.node_name
     rc, out, err = await cli(capsys, "models", "load", BUNDLED, "--node", node, *c)
     assert rc == 0 and f"{BUNDLED} is loaded on node {node}" in out, err
-    diag = await cli_json_plain(capsys, "diagnostics", "--node", node, *c)
+    diag = await cli_json(capsys, "diagnostics", "--node", node, *c)  # --json, as every command (issue 22)
     assert diag["service"]["node"] == node
+    (model,) = [m for m in diag["service"]["engine"]["models"] if m["handles"]]
+    assert model["gpu"]["nGpuLayersRequested"] == "auto"  # the default
+    rc, out, err = await cli(capsys, "diagnostics", "--node", node, *c)  # for people: where each model runs
+    assert rc == 0 and f"node {node}" in out and "models loaded" in out, err
+    used = model["gpu"]["nGpuLayersUsed"]
+    assert (f"{used}/{model['gpu']['layers']} layers on" if used else "CPU: ") in out
     unloaded = await cli_json(capsys, "models", "unload", BUNDLED, "--node", node, *c)
     assert (unloaded["wasLoaded"], unloaded["node"]) == (True, node)
     rc, out, err = await cli(capsys, "diagnostics", "--node", "nobody", *c)
     assert rc == 1 and out == "" and "node nobody is not serving" in err
 
 
-async def cli_json_plain(capsys, *argv: str):
-    """A command that prints JSON without --json (diagnostics)."""
-    rc, out, err = await cli(capsys, *argv)
-    assert rc == 0, err
-    return json.loads(out)

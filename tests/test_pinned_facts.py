@@ -40,7 +40,8 @@ async def test_the_running_service_speaks_as_the_known_identity_with_the_seed_de
     diag = msgspec.json.decode(reply.data)
     defaults = diag["service"]["defaults"]
     assert (defaults["max_tokens"], defaults["temperature"], defaults["top_p"], defaults["stop"]) == (500, 0.7, 1.0, ["\n\n"])
-    assert (defaults["n_ctx"], defaults["n_batch"], defaults["n_gpu_layers"]) == (2048, 512, 1)
+    # n_gpu_layers: -1 is "auto" (as many layers as fit in free VRAM; none on a CPU build), not the seed's 1 (issue 22)
+    assert (defaults["n_ctx"], defaults["n_batch"], defaults["n_gpu_layers"]) == (2048, 512, -1)
     assert defaults["n_threads"] == min(4, _physical_cores())
     # And what the engine actually loaded with.
     (model,) = [m for m in diag["service"]["engine"]["models"] if m["handles"]] or diag["service"]["engine"]["models"]

