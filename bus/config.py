@@ -19,6 +19,20 @@ from msgspec import Meta
 from wire.errors import ErrorCode, LamaError
 
 
+def default_kv_cache_ram() -> int:
+    """MiB of host memory per loaded model for saved KV states: 1/16 of the machine's memory, at most
+    8 GiB (llama-server's ``--cache-ram`` default), at least 64 MiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total_mib = int(line.split()[1]) // 1024
+                    return max(64, min(8192, total_mib // 16))
+    except (OSError, ValueError, IndexError):
+        pass
+    return 512
+
+
 def default_data_dir() -> str:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "lamabus")
@@ -69,6 +83,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     max_loaded_models: Annotated[int, Meta(ge=1, le=64)] = 2
     #: Seconds a loaded model may sit idle before it is unloaded (0 = never).
     keep_alive: Annotated[float, Meta(ge=0)] = 600.0
+    #: MiB of host memory, per loaded model, for the KV states of topics that lost their engine slot
+    #: (restored when the topic returns, so only its new turn is evaluated; 0 = off). Unset: 1/16 of
+    #: the machine's memory, at most 8192 (``kv_cache_ram_mib``).
+    kv_cache_ram: Annotated[int, Meta(ge=0, le=1 << 24)] | None = None
+    #: MiB of disk under ``data_dir/kv-cache`` for the same states, kept across restarts (0 = off).
+    #: Written in the background; keyed by the model file's SHA-256 and its load parameters.
+    kv_cache_disk: Annotated[int, Meta(ge=0, le=1 << 30)] = 4096
     #: Topic analysis: each topic's model gives it a title, keywords, a summary and its language, in the
     #: background while the model has no user message to answer (``false``: never, for any topic; one topic
     #: is switched with ``lamabus topics analysis T off``, ``topics.analysis``).
@@ -137,6 +158,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         host = "".join(c if c.isalnum() or c in "_-" else "-" for c in socket.gethostname())[:40] or "node"
         digest = hashlib.sha256(str(self.data_path.resolve()).encode()).hexdigest()[:8]
         return f"{host}-{digest}"
+
+    @property
+    def kv_cache_ram_mib(self) -> int:
+        return self.kv_cache_ram if self.kv_cache_ram is not None else default_kv_cache_ram()
+
+    @property
+    def kv_cache_dir(self) -> Path:
+        return self.data_path / "kv-cache"
 
     @property
     def registry_path(self) -> Path:

