@@ -193,3 +193,9 @@ def roles_markdown(prefix: str = "lama") -> str:
             lines.append("- publish denied: " + ", ".join(f"`{x}`" for x in p.publish_deny))
         lines.append("- subscribe: " + ", ".join(f"`{x}`" for x in p.subscribe))
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m bus.auth.roles [PREFIX]: the roles section of docs/security.md
+    import sys
+
+    print(roles_markdown(sys.argv[1] if len(sys.argv) > 1 else "lama"), end="")

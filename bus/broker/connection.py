@@ -39,10 +39,17 @@ class Denials:
     nats-server answers a publish or subscription it does not permit with an asynchronous
     ``-ERR 'Permissions Violation for Publish to "<subject>"'`` and nothing else: a request would
     only time out. A caller watches the subjects it is about to use (:meth:`watching`) and gets a
-    ``forbidden`` :class:`LamaError` as soon as the broker says so."""
+    ``forbidden`` :class:`LamaError` as soon as the broker says so. (nats-py lowercases the server's
+    error line, so subjects are matched without regard to case and reported as the caller wrote them.)"""
 
     def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Future[LamaError]]] = {}
+        self._waiters: dict[str, dict[asyncio.Future[LamaError], str]] = {}
+
+    @staticmethod
+    def _error(operation: str, subject: str) -> LamaError:
+        verb = "publish to" if operation == "publish" else "subscribe to"
+        return LamaError(ErrorCode.FORBIDDEN, f"forbidden: this login may not {verb} {subject}",
+                         subject=subject, operation=operation)
 
     def report(self, exc: BaseException) -> LamaError | None:
         """The violation ``exc`` (an error nats-py passed to its error callback) stands for, if it is one."""
@@ -50,29 +57,26 @@ class Denials:
         if m is None:
             return None
         operation, subject = m.group(1).lower(), m.group(2)
-        verb = "publish to" if operation == "publish" else "subscribe to"
-        error = LamaError(ErrorCode.FORBIDDEN, f"forbidden: this login may not {verb} {subject}",
-                          subject=subject, operation=operation)
-        for fut in self._waiters.get(subject, ()):
+        for fut, written in list(self._waiters.get(subject.lower(), {}).items()):
             if not fut.done():
-                fut.set_result(error)
-        return error
+                fut.set_result(self._error(operation, written))
+        return self._error(operation, subject)
 
     @contextlib.contextmanager
     def watching(self, *subjects: str) -> Iterator[asyncio.Future[LamaError]]:
         """A future that resolves to the ``forbidden`` error of the first violation on one of ``subjects``."""
         fut: asyncio.Future[LamaError] = asyncio.get_running_loop().create_future()
         for s in subjects:
-            self._waiters.setdefault(s, set()).add(fut)
+            self._waiters.setdefault(s.lower(), {})[fut] = s
         try:
             yield fut
         finally:
             for s in subjects:
-                waiting = self._waiters.get(s)
+                waiting = self._waiters.get(s.lower())
                 if waiting is not None:
-                    waiting.discard(fut)
+                    waiting.pop(fut, None)
                     if not waiting:
-                        del self._waiters[s]
+                        del self._waiters[s.lower()]
 
 
 async def guarded(nc: Client, subjects: tuple[str, ...], work: Any) -> Any:
