@@ -123,6 +123,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     partitions: Annotated[int, Meta(ge=1, le=1024)] = 12
     #: Seconds a node's partition leases outlive its last heartbeat: how soon a dead node's topics move.
     lease_ttl: Annotated[float, Meta(ge=1, le=600)] = 5.0
+    #: The OpenAI-compatible HTTP API (bus/gateway/, docs/openai.md): ``HOST:PORT`` (port 0 or a taken one: a
+    #: free port, URL in ``<data-dir>/openai.url``) or ``off``. With no API keys it binds to loopback only.
+    openai: Annotated[str, Meta(pattern=r"^(off|[^\s]+:[0-9]{1,5})$")] = "off"
+    #: The gateway's API keys: a file of ``<role>:<key>`` lines (role ``chat`` or ``admin``). Keys may also come
+    #: from the environment variable LAMABUS_OPENAI_KEYS (:data:`OPENAI_KEYS_ENV`), never from a flag or the TOML file.
+    openai_keys_file: str | None = None
+    #: Generations running through one gateway at once; more are answered 429 with Retry-After.
+    openai_max_concurrent: Annotated[int, Meta(ge=1, le=100_000)] = 64
 
     #: Logging in to the broker (docs/security.md). A NATS ``.creds`` file (user JWT + nkey seed: NATS's
     #: decentralized auth, made with ``nsc``).
@@ -218,6 +226,29 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def metrics_url_file(self) -> Path:
         """Where the running service leaves the URL of its ``/metrics``."""
         return self.data_path / "metrics.url"
+
+    @property
+    def openai_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the OpenAI-compatible API, or ``None`` when it is off."""
+        return None if self.openai == "off" else parse_address(self.openai)
+
+    @property
+    def openai_url_file(self) -> Path:
+        """Where a running gateway leaves its URL (``http://HOST:PORT``; the API is under ``/v1``)."""
+        return self.data_path / "openai.url"
+
+
+OPENAI_KEYS_ENV = "LAMABUS_OPENAI_KEYS"
+"""The OpenAI gateway's API keys from the environment (``chat:KEY,admin:KEY``); read by bus/gateway/auth.py
+only, never kept in :class:`Settings` (whose repr could reach a log)."""
+DEFAULT_GATEWAY_ADDRESS = "127.0.0.1:8000"
+"""Where ``lamabus gateway`` listens when ``openai`` is ``off``."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> ``(host, port)``."""
+    host, port = address.rsplit(":", 1)
+    return host.strip("[]"), int(port)
 
 
 ENV_PREFIX = "LAMABUS_"

@@ -2,6 +2,8 @@
 
     lamabus serve [--nats-url URL] [--data-dir DIR] [--prefix lama] [--config FILE]
                   [--registry sqlite|nats] [--node-id ID] [--replicas N]
+                  [--openai HOST:PORT]
+    lamabus gateway [--openai HOST:PORT] [--nats-url URL]   (the OpenAI-compatible API alone)
     lamabus chat <topic> [--once TEXT]
 
 Flags win over the environment (LAMABUS_*), which wins over the TOML file,
@@ -42,6 +44,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     login.add_argument("--nats-tls-key", metavar="FILE", help="the client certificate's key")
 
 
+def _openai(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--openai", metavar="ADDR", help=help)
+    parser.add_argument("--openai-keys-file", metavar="FILE",
+                        help="API keys, <role>:<key> per line (env LAMABUS_OPENAI_KEYS_FILE; keys also from "
+                             "LAMABUS_OPENAI_KEYS); none: loopback only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamabus", description="Local-LLM chat assistant on NATS")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true", default=None,
                        help="the embedded broker without users or permissions: anyone who reaches it can do "
                             "anything (env LAMABUS_INSECURE=1)")
+    _openai(serve, "also serve the OpenAI-compatible API on HOST:PORT (default off; env LAMABUS_OPENAI)")
     serve.set_defaults(run=_serve)
+
+    gateway = sub.add_parser("gateway", help="the OpenAI-compatible HTTP API alone, in front of lamabus on the bus")
+    _common(gateway)
+    gateway.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _openai(gateway, "listen on HOST:PORT (default 127.0.0.1:8000; port 0: a free one; env LAMABUS_OPENAI)")
+    gateway.set_defaults(run=_gateway)
 
     chat = sub.add_parser("chat", help="chat in a topic from the terminal")
     _common(chat)
@@ -95,7 +111,7 @@ _LOGIN_FLAGS = ("nats_creds", "nats_nkey", "nats_user", "nats_password_file", "n
 def _settings(args: argparse.Namespace) -> Settings:
     flags = {k: getattr(args, k, None) for k in ("nats_url", "data_dir", "prefix", "log_level", "web", "nats_ws_url",
                                                    "metrics", "registry", "node_id", "replicas", "insecure",
-                                                   *_LOGIN_FLAGS)}
+                                                   "openai", "openai_keys_file", *_LOGIN_FLAGS)}
     return load_settings(flags, config_file=getattr(args, "config", None))
 
 
@@ -122,6 +138,18 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if failed is not None:
         raise failed
     return EXIT_CLIENT_DEAF if deaf else 0
+
+
+def _gateway(args: argparse.Namespace, settings: Settings) -> int:
+    from bus.auth.embedded import client_login
+    from bus.gateway.server import run_gateway
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The configured broker and login, else a local serve's embedded broker as its admin (the gateway acts for
+    # its own callers, whose keys it checks: bus/gateway/auth.py).
+    url, credentials = client_login(settings)
+    anyio.run(run_gateway, settings, url, credentials)
+    return 0
 
 
 def _chat(args: argparse.Namespace, settings: Settings) -> int:

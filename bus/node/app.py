@@ -31,6 +31,7 @@ from bus.node.intake import StreamLimits, TopicIntake
 from bus.node.lane_order import LaneOrder, OrderedDirectory, RetryingPublisher, retry_budget
 from bus.web.listen import port_free
 from bus.web.metrics import MetricsServer, metrics_for
+from bus.gateway.server import GatewayServer, gateway_server_for
 from bus.node.publisher import NatsPublisher
 from bus.node.api import Api
 from bus.node.service import error_reply, serve_node, start_service
@@ -84,6 +85,7 @@ class LamabusService:
         self.api: Api | None = None
         self.metrics: ServiceMetrics | None = None  # None when settings.metrics is "off"
         self.metrics_http: MetricsServer | None = None
+        self.openai: GatewayServer | None = None  # the OpenAI-compatible API, when settings.openai is set
         self._stack = contextlib.AsyncExitStack()
         self._tg: TaskGroup | None = None
 
@@ -212,6 +214,13 @@ class LamabusService:
                 print(f"chat page: {self.web.login_url}", flush=True)
         if metrics_http is not None:
             self.metrics_http = await stack.enter_async_context(metrics_http)
+        # The gateway logs in as admin on the embedded broker (it acts for its callers, whose keys it checks:
+        # bus/gateway/auth.py), else as the service does.
+        gateway_login = self.auth.credentials("admin") if self.auth else credentials
+        if (gateway := gateway_server_for(s, self.url, credentials=gateway_login)) is not None:
+            # A client of the API above like any other (its own connection, lama.api.* only): entered after the
+            # API, so it leaves first and releases its llm handles while the API still answers.
+            self.openai = await stack.enter_async_context(gateway)
         # Subscriptions go out with the next flush of the client's buffer: "ready" means a request
         # sent after it is answered, so push them to the broker first.
         await self.nc.flush()
