@@ -9,12 +9,12 @@ Only SHA-256 digests of the keys are kept, and a presented key is compared by di
 in constant time: the keys themselves are never logged, put in an error, or kept in
 memory past loading.
 
-The roles are those of the security work (issue 20): ``chat`` may list models and
-chat (``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``), nothing else;
-``admin`` may do everything the gateway offers (also ``DELETE /v1/models/{id}``).
-bus/auth/ (being written at the same time) will say what each role may do on the
-bus; until the gateway reads it from there, :data:`PERMISSIONS` is the minimal
-mapping for the gateway's own operations.
+The roles are those of the bus (bus/auth/roles.py), and what a key may do is what
+:func:`bus.auth.roles.grant` says its role may do: ``chat`` may list models and chat
+(``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``: a topic's ``post``),
+nothing else; ``admin`` may also remove a model (``DELETE /v1/models/{id}``:
+``models.remove``). The gateway itself logs in to the broker as admin (or as its
+settings say) and acts for its callers only after this check.
 """
 
 from __future__ import annotations
@@ -26,24 +26,32 @@ import re
 from pathlib import Path
 from typing import Literal, Mapping
 
+from bus.auth.roles import grant
 from bus.config import OPENAI_KEYS_ENV
 from bus.gateway.errors import OpenAIError
 from wire.errors import ErrorCode, LamaError
 
 Role = Literal["chat", "admin"]
 ROLES: tuple[Role, ...] = ("chat", "admin")
+"""The roles a key may have (``service`` is a lamabus node's own, never a caller's)."""
 
-#: The gateway's operations each role may perform.
-PERMISSIONS: dict[str, frozenset[str]] = {
-    "chat": frozenset({"models.list", "chat", "completions"}),
-    "admin": frozenset({"models.list", "chat", "completions", "models.remove"}),
+#: The gateway's operations as bus/auth/roles.py names them: an endpoint of the API, or a topic action
+#: (chatting through the gateway is what posting in a topic is on the bus).
+OPERATIONS: dict[str, tuple[Literal["endpoint", "action"], str]] = {
+    "models.list": ("endpoint", "models.list"),
+    "models.remove": ("endpoint", "models.remove"),
+    "chat": ("action", "post"),
+    "completions": ("action", "post"),
 }
 
 _KEY = re.compile(r"^[\x21-\x7e]{8,512}$")  # printable ASCII without spaces; at least 8 characters
 
 
-def may(role: str, operation: str) -> bool:
-    return operation in PERMISSIONS.get(role, frozenset())
+def may(role: Role, operation: str) -> bool:
+    """Whether a key of ``role`` may perform the gateway operation ``operation`` (a key of :data:`OPERATIONS`)."""
+    kind, name = OPERATIONS[operation]
+    allowed = grant(role)
+    return allowed.may_call(name) if kind == "endpoint" else allowed.may(name)  # type: ignore[arg-type]
 
 
 class Keys:
@@ -60,7 +68,8 @@ class Keys:
 
     @classmethod
     def parse(cls, text: str, *, source: str) -> "Keys":
-        """Entries ``role:key``; a bad entry is a ``bad_request`` naming ``source`` and the entry's number, never its key."""
+        """Entries ``role:key``; a bad entry is a ``bad_request`` naming ``source`` and the entry's number,
+        never its key."""
         digests: dict[bytes, Role] = {}
         entries = [e.strip() for line in text.splitlines() if not line.lstrip().startswith("#")
                    for e in line.split(",")]

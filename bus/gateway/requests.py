@@ -165,8 +165,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         turns = []
         for i, m in enumerate(self.messages):
             if m.role in ("tool", "function") or m.tool_calls or m.function_call is not None:
-                raise unsupported(f"messages[{i}].role" if m.role in ("tool", "function") else f"messages[{i}].tool_calls",
-                                  "tool calling")
+                field = "role" if m.role in ("tool", "function") else "tool_calls"
+                raise unsupported(f"messages[{i}].{field}", "tool calling")
             role = "system" if m.role == "developer" else m.role
             turns.append(ChatTurnIn(role=role, content=_text_of(m.content, i)))  # type: ignore[arg-type]
         return turns
