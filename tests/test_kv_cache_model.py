@@ -187,3 +187,30 @@ async def test_a_damaged_file_is_deleted_and_the_worker_lives(model_path: Path, 
     assert again.usage.cached_tokens < 20  # evaluated, not restored
     assert stats["hits"] == 0 and stats["badFiles"] == 1
     assert not f.exists()
+
+
+async def test_a_restarted_service_restores_a_returning_topic_from_disk(settings) -> None:
+    """``serve`` stopped and started on the same data directory: the topic's history comes back from
+    <data_dir>/kv-cache, not from evaluating it again."""
+    from bus.client import LamabusClient
+    from bus.node.app import LamabusService
+    from tests.conftest import entered_in_own_task
+    from wire.api import DiagnosticsGet
+    from wire.messages import GenerationCompleted
+
+    greedy = GenerationParams(temperature=0.0, max_tokens=16, seed=1)
+
+    async def ask(text: str) -> tuple[GenerationCompleted, dict]:
+        async with entered_in_own_task(LamabusService(settings)) as svc:
+            async with LamabusClient.connect(svc.url, prefix=svc.settings.prefix) as client:
+                done = [i async for i in client.ask("back", text, params=greedy)][-1]
+                assert isinstance(done, GenerationCompleted)
+                (model,) = svc.engine.diagnostics()["models"]
+                return done, model["worker"]["kvCache"]
+
+    first, _ = await ask("Name three rivers in Europe.")
+    assert list((settings.data_path / "kv-cache").rglob("*" + SUFFIX))  # written when the service stopped
+    second, stats = await ask("Which of them is the longest?")
+    # the new prompt is the first one, the reply and the new question: all but the question came back
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens
+    assert (stats["hits"], stats["diskReads"]) == (1, 1)
