@@ -65,6 +65,21 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     #: Messages taken from JetStream and not yet answered (queued in topic lanes or generating).
     #: A burst beyond it waits in the stream, durable, and is fetched as replies finish.
     intake_window: Annotated[int, Meta(ge=1, le=10_000)] = 64
+    #: Per-author quotas, so one author cannot hold the machine (docs/operations.md "Quotas"; 0 switches
+    #: one off). On topics and on llm.generate alike; each refusal is a coded error and a metrics count.
+    #: A cap on maxTokens: a request above it is lowered to it (``clamp``) or refused, max_tokens_exceeded
+    #: (``refuse``; a model's stored maxTokens above the cap is lowered under either policy).
+    quota_max_tokens: Annotated[int, Meta(ge=0, le=32768)] = 4096
+    quota_max_tokens_policy: Literal["clamp", "refuse"] = "clamp"
+    #: A cap on what an author sends, in characters (a chat message's text; llm.generate's messages or
+    #: prompt together): prompt_too_large above it.
+    quota_prompt_chars: Annotated[int, Meta(ge=0, le=1 << 30)] = 131_072
+    #: Messages (and llm.generate requests) an author may have accepted in any 60 s: rate_limited beyond,
+    #: retryable after the error's retryAfterMs. Per node.
+    quota_messages_per_minute: Annotated[int, Meta(ge=0, le=1_000_000)] = 300
+    #: An author's messages accepted and not yet answered (waiting in a topic or generating) plus its running
+    #: llm.generate requests: too_many_running beyond, retryable once one has finished. Per node.
+    quota_running_per_author: Annotated[int, Meta(ge=0, le=100_000)] = 16
     #: Retention of the LAMA_TOPICS stream in seconds / bytes. Unset: 30 days and 8 GiB when the
     #: stream is created, and whatever the stream has (an operator's edit) on later starts.
     topics_max_age: Annotated[float, Meta(gt=0)] | None = None

@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 
 from engine.types import ChatTurn, GenerateRequest, GenerationResult, TokenChunk
 from handlers.ports import Directory, HandBack, ModelRef, Publisher, RecordedReply, Runtime
+from handlers.quotas import QuotaRefused, Quotas, Ticket
 from wire.errors import ErrorCode, LamaError
 from wire.messages import (
     CancelReply,
@@ -107,6 +108,8 @@ class _Job:
     cancelled: bool = False
     #: The engine has finished; a cancel from here on cannot stop the reply.
     finishing: bool = False
+    #: The author's running place (handlers/quotas.py), released when the job is settled.
+    ticket: Ticket | None = None
 
 
 @dataclass(eq=False)
@@ -143,12 +146,15 @@ class Assistant:
     """Owns the topic lanes. Use as an async context manager; ``submit`` each consumed message."""
 
     def __init__(self, directory: Directory, runtime: Runtime, publisher: Publisher,
-                 settings: AssistantSettings | None = None, *, background: Background | None = None) -> None:
+                 settings: AssistantSettings | None = None, *, background: Background | None = None,
+                 quotas: Quotas | None = None) -> None:
+        """``quotas``: the service's per-author limits (shared with the llm API); None: no limits."""
         self.directory = directory
         self.runtime = runtime
         self.publisher = publisher
         self.settings = settings or AssistantSettings()
         self.background = background
+        self.quotas = quotas
         self._lanes: dict[str, _Lane] = {}
         self._queued: collections.Counter[str] = collections.Counter()
         self._limiter = anyio.CapacityLimiter(self.settings.max_concurrent_topics)
@@ -184,11 +190,32 @@ class Assistant:
         if recorded is not None:
             await self._settle_duplicate(recorded, delivery)
             return
+        ticket: Ticket | None = None
+        if self.quotas is not None:
+            try:
+                ticket = self.quotas.admit(
+                    message.author_id, message.id, prompt_chars=len(message.text),
+                    asked_max_tokens=message.params.max_tokens if message.params is not None else None,
+                    path="topic", redelivered=delivery.redelivered)
+            except QuotaRefused as exc:
+                await self._fail(message, exc, delivery, dedup_id=exc.dedup_id)
+                return
+        queued = False
+        try:
+            queued = await self._queue(message, delivery, ticket)
+        finally:
+            if not queued and ticket is not None:
+                ticket.release()  # answered (or failed) before it was queued: it holds nothing
+
+    async def _queue(self, message: ChatMessage, delivery: Delivery, ticket: Ticket | None) -> bool:
+        """Queue an admitted message in its topic's lane (True), or answer it at once (False)."""
+        assert self._tg is not None
+        topic = message.topic
         try:
             model = await self.directory.resolve_model(topic, message.model_id)
         except LamaError as exc:
             await self._fail(message, exc, delivery)
-            return
+            return False
         if self.settings.node_id is not None and not os.path.isfile(model.config.model_path):
             # A node of a cluster: the registry is shared, files are per node (a shared volume, or a
             # pull on each node), and this one lacks the file. Said before anything is queued.
@@ -197,7 +224,7 @@ class Assistant:
                 ErrorCode.MODEL_FILE_MISSING,
                 f"model {model.model_id}: file {model.config.model_path} is not on node {node or 'this node'}",
                 model_id=model.model_id, path=model.config.model_path, node_id=node), delivery)
-            return
+            return False
         ahead = self._queued[model.model_id]
         if ahead >= self.settings.max_queue_per_model:
             # Only reached when the intake's window is set above this bound. Nothing is recorded,
@@ -206,10 +233,12 @@ class Assistant:
                 ErrorCode.BUSY, f"model {model.model_id} has {ahead} requests waiting; try again later "
                 f"(re-publish with a new Nats-Msg-Id header, e.g. {message.id}.retry1)",
                 model_id=model.model_id, queued=ahead, retryable=True), delivery)
-            return
+            return False
         sampling = SamplingParams.resolve(message.params, model.params)
+        if self.quotas is not None:  # the cap, on whatever layer set maxTokens (a refusal was decided above)
+            sampling = msgspec.structs.replace(sampling, max_tokens=self.quotas.cap(sampling.max_tokens, "topic"))
         self._enqueued(model.model_id)
-        job = _Job(message, model, delivery, accepted_at=_now_ms(), sampling=sampling, ahead=ahead)
+        job = _Job(message, model, delivery, accepted_at=_now_ms(), sampling=sampling, ahead=ahead, ticket=ticket)
         try:
             if sampling.grammar is None and sampling.json_schema is None:
                 await self._announce(job)
@@ -225,6 +254,7 @@ class Assistant:
             lane.jobs.append(job)
             if self.settings.on_new_message == "interrupt" and lane.current is not None:
                 await self.runtime.cancel(lane.current.message.id)
+        return True
 
     def _enqueued(self, model_id: str) -> None:
         self._queued[model_id] += 1
@@ -279,6 +309,8 @@ class Assistant:
                 finally:
                     lane.current = None
                     self._dequeued(job.model.model_id)
+                    if job.ticket is not None:
+                        job.ticket.release()
         finally:
             if self._lanes.get(topic) is lane:
                 del self._lanes[topic]
@@ -405,13 +437,16 @@ class Assistant:
         await job.delivery.ack()
         self.counters["cancelled"] += 1
 
-    async def _fail(self, message: ChatMessage, exc: LamaError, delivery: Delivery) -> None:
+    async def _fail(self, message: ChatMessage, exc: LamaError, delivery: Delivery, *,
+                    dedup_id: str | None = None) -> None:
         # A failure is an answer too: say it on the topic and settle the delivery,
         # so the message is not redelivered forever. A retry with the same id is answered.
+        # ``dedup_id``: one the broker must drop when this failure is said again (a quota's refusal
+        # of a redelivered message); by default every failure is said.
         self.counters[f"failed.{exc.code.value}"] += 1
         await self.publisher.event(GenerationFailed(request_id=message.id, topic=message.topic, error=exc.to_body(),
                                                     node_id=self.settings.node_id),
-                                   dedup_id=f"{message.id}.failed.{exc.code.value}.{time.monotonic_ns()}")
+                                   dedup_id=dedup_id or f"{message.id}.failed.{exc.code.value}.{time.monotonic_ns()}")
         await delivery.ack()
 
     # -- cancel -----------------------------------------------------------------
@@ -454,6 +489,7 @@ class Assistant:
                       for t, l in self._lanes.items()},
             "queued_per_model": {k: v for k, v in self._queued.items() if v},
             "counters": dict(self.counters),
+            **({"quotas": self.quotas.stats()} if self.quotas is not None else {}),
         }
 
 

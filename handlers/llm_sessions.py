@@ -18,6 +18,7 @@ from typing import Awaitable, Callable, Protocol
 import msgspec
 
 from engine.types import ChatTurn, GenerateRequest, GenerationResult, ModelConfig, TokenChunk
+from handlers.quotas import Quotas, Ticket
 from handlers.registry import Registry
 from wire.api import (
     LlmCancel,
@@ -35,6 +36,8 @@ from wire.params import GenerationParams, SamplingParams
 
 MAX_HANDLES = 32
 """Handles open at once; more is ``busy`` (each may hold a model in memory)."""
+ANONYMOUS = "anonymous"
+"""The quota author of an ``llm.generate`` request that names none."""
 
 
 def node_of_handle(handle: str) -> str | None:
@@ -68,6 +71,8 @@ class _Prepared(msgspec.Struct, frozen=True):
     client_id: str
     request: GenerateRequest
     session: _Session
+    #: The author's running place (handlers/quotas.py); ``generate`` releases it. None: no quotas.
+    ticket: Ticket | None = None
 
 
 def _bad(message: str, field: str) -> LamaError:
@@ -77,10 +82,13 @@ def _bad(message: str, field: str) -> LamaError:
 class LlmSessions:
     """The ``llm.*`` state of one service: open handles and running requests."""
 
-    def __init__(self, registry: Registry, engine: EngineLike, *, node_id: str | None = None) -> None:
+    def __init__(self, registry: Registry, engine: EngineLike, *, node_id: str | None = None,
+                 quotas: Quotas | None = None) -> None:
+        """``quotas``: the service's per-author limits (shared with the topic assistant); None: no limits."""
         self.registry = registry
         self.engine = engine
         self.node_id = node_id
+        self.quotas = quotas
         self.handles: dict[str, _Session] = {}
         self.running: dict[str, str] = {}  # client request id -> engine request id
 
@@ -148,16 +156,30 @@ class LlmSessions:
         return client_id, request
 
     def prepare(self, req: LlmGenerate) -> "_Prepared":
-        """Check ``req`` (handle, messages, request id) before anything runs: a refusal raises here."""
+        """Check ``req`` (handle, messages, request id, quotas) before anything runs: a refusal raises here.
+        What it returns must be given to ``generate``, which releases its quota place."""
         info = self._session(req.handle)
         client_id, request = self._engine_request(req, info)
-        return _Prepared(req.handle, client_id, request, info)
+        ticket = None
+        if self.quotas is not None:
+            chars = len(req.prompt) if req.prompt is not None else sum(len(t.content) for t in req.messages or ())
+            ticket = self.quotas.admit(req.author_id or ANONYMOUS, client_id, prompt_chars=chars,
+                                       asked_max_tokens=req.params.max_tokens if req.params is not None else None,
+                                       path="llm")
+            # Admitted: the cap, on whatever layer set maxTokens (a refusal of the asked value was admit's).
+            sampling = request.sampling
+            capped = self.quotas.cap(sampling.max_tokens, "llm")
+            if capped != sampling.max_tokens:
+                request = msgspec.structs.replace(request, sampling=msgspec.structs.replace(sampling, max_tokens=capped))
+        return _Prepared(req.handle, client_id, request, info, ticket)
 
     async def generate(self, req: LlmGenerate | "_Prepared",
                        on_token: Callable[[LlmToken], Awaitable[None]] | None = None) -> LlmResult:
         """Generate on the request's handle; ``on_token`` hears each chunk (``generate_stream``)."""
         run = req if isinstance(req, _Prepared) else self.prepare(req)
         if run.client_id in self.running:
+            if run.ticket is not None:
+                run.ticket.release()
             raise LamaError(ErrorCode.CONFLICT, f"request {run.client_id!r} is already running",
                             request_id=run.client_id, field="$.requestId")
         self.running[run.client_id] = run.request.request_id
@@ -179,6 +201,8 @@ class LlmSessions:
                 result = streamed
         finally:
             self.running.pop(run.client_id, None)
+            if run.ticket is not None:
+                run.ticket.release()
         return LlmResult(request_id=run.client_id, handle=run.handle, model_id=run.session.model_id, text=result.text,
                          thinking=result.thinking, tokens=result.tokens, finish_reason=result.finish_reason,
                          timing=result.timing, usage=result.usage)

@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from handlers.ports import Publisher
+from handlers.quotas import PATHS, QUOTAS
 from wire.messages import (
     ChatMessage,
     GenerationCancelled,
@@ -85,6 +86,15 @@ class IntakeLike(Protocol):
     rejected: int
 
 
+class QuotasLike(Protocol):
+    """handlers/quotas.py's Quotas: (path, quota) -> refusals, path -> clamped requests."""
+
+    refusals: collections.Counter[tuple[str, str]]
+    clamped: collections.Counter[str]
+
+    def stats(self) -> dict[str, Any]: ...
+
+
 @dataclass(eq=False, slots=True)
 class _Live:
     """One request between its generation.started and its end."""
@@ -116,6 +126,7 @@ class ServiceMetrics:
         self._engine: EngineLike | None = None
         self._loaded: ModelsLike | None = None
         self._intake: IntakeLike | None = None
+        self._quotas: QuotasLike | None = None
 
         def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
             return Histogram(PREFIX + name, doc, ["model"], buckets=buckets, registry=self.registry)
@@ -138,9 +149,11 @@ class ServiceMetrics:
         return MeteredPublisher(inner, self)
 
     def observe(self, *, assistant: AssistantLike | None = None, engine: EngineLike | None = None,
-                models: ModelsLike | None = None, intake: IntakeLike | None = None) -> None:
+                models: ModelsLike | None = None, intake: IntakeLike | None = None,
+                quotas: QuotasLike | None = None) -> None:
         """What the scrape-time figures are read from."""
         self._assistant, self._engine, self._loaded, self._intake = assistant, engine, models, intake
+        self._quotas = quotas
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """(body, content type): the text format, or OpenMetrics when ``accept`` asks for it."""
@@ -299,6 +312,8 @@ class _Collector:
                                      "by error code.", labels=["model", "code"])
         _add(errors, m.errors)
         yield errors
+
+        yield from _quota_families(m._quotas)
 
         loads = CounterMetricFamily(PREFIX + "model_loads", "Model loads by outcome (loaded, failed).",
                                     labels=["model", "outcome"])

@@ -20,7 +20,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from wire.errors import ErrorBody
-from wire.messages import Channel, MessageText, Timing, TopicId, Usage
+from wire.messages import Channel, MessageText, PersonId, Timing, TopicId, Usage
 from wire.records import LLM, CatalogEntry, TopicInfo
 from wire.params import (
     BatchSize,
@@ -279,6 +279,9 @@ class LlmGenerate(ApiRequest["LlmResult"], tag="llm.generate"):
     params: GenerationParams | None = None
     request_id: RequestId | None = None
     """Client-chosen id (for ``llm.cancel``); one is made up when absent. Unique among running requests."""
+    author_id: PersonId | None = None
+    """Who asks, for the per-author quotas (as a chat message's ``authorId``); requests without one share
+    the quotas of the author ``anonymous``."""
 
 
 class LlmGenerateStream(LlmGenerate, tag="llm.generate_stream", kw_only=True):

@@ -28,6 +28,14 @@ class ErrorCode(enum.StrEnum):
     CONTEXT_OVERFLOW = "context_overflow"
     CONFLICT = "conflict"
     BUSY = "busy"
+    #: Quotas (issue 20): an author over ``messagesPerMinute`` (retryable after ``details.retryAfterMs``) ...
+    RATE_LIMITED = "rate_limited"
+    #: ... with too many requests waiting or running (retryable once one has finished) ...
+    TOO_MANY_RUNNING = "too_many_running"
+    #: ... a prompt above the service's cap in characters ...
+    PROMPT_TOO_LARGE = "prompt_too_large"
+    #: ... or a maxTokens above the cap, where the operator chose to refuse rather than clamp.
+    MAX_TOKENS_EXCEEDED = "max_tokens_exceeded"
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
@@ -52,6 +60,10 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.CONTEXT_OVERFLOW: 400,
     ErrorCode.CONFLICT: 409,
     ErrorCode.BUSY: 429,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.TOO_MANY_RUNNING: 429,
+    ErrorCode.PROMPT_TOO_LARGE: 400,
+    ErrorCode.MAX_TOKENS_EXCEEDED: 400,
     ErrorCode.CANCELLED: 409,
     ErrorCode.TIMEOUT: 503,
     ErrorCode.INTERNAL: 500,

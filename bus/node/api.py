@@ -41,6 +41,7 @@ from engine.runtime import Engine
 from handlers.catalog import list_catalog, pull
 from handlers.llm_sessions import LlmSessions, node_of_handle
 from handlers.models_runtime import ModelsRuntime
+from handlers.quotas import Quotas
 from handlers.model_files import ProgressCallback
 from handlers.registry import Registry
 from wire.api import (
@@ -120,9 +121,11 @@ class Api:
     def __init__(self, *, registry: Registry, models: ModelsRuntime, engine: Engine, nc: Client, prefix: str,
                  service_diagnostics: Callable[[], Awaitable[ServiceDiagnostics]],
                  metrics: MetricsSource | None = None, node_id: str | None = None,
-                 nodes: Callable[[], Iterable[str]] = lambda: (), local: bool = False) -> None:
+                 nodes: Callable[[], Iterable[str]] = lambda: (), local: bool = False,
+                 quotas: Quotas | None = None) -> None:
         """``node_id``: this node (handles carry it); ``nodes``: the live nodes of the cluster, as this node
-        sees them; ``local``: the table of this node's own subjects, which never hands a request on."""
+        sees them; ``local``: the table of this node's own subjects, which never hands a request on;
+        ``quotas``: the per-author limits on ``llm.generate`` (shared with the topic assistant)."""
         self.registry = registry
         self.models = models
         self.engine = engine
@@ -133,7 +136,7 @@ class Api:
         self.node_id = node_id
         self.nodes = nodes
         self.local = local
-        self.llm = LlmSessions(registry, engine, node_id=node_id)
+        self.llm = LlmSessions(registry, engine, node_id=node_id, quotas=quotas)
         self._subjects = Subjects(prefix)
 
     def on_own_subjects(self) -> "Api":

@@ -46,6 +46,7 @@ from handlers.catalog import bundled_model_path
 from handlers.engine_runtime import EngineRuntime
 from handlers.metrics import ServiceMetrics
 from handlers.models_runtime import ModelsRuntime
+from handlers.quotas import Quotas, QuotaSettings
 from handlers.topic_analysis import AnalysisSettings, TopicAnalyser
 from handlers.directory import RegistryDirectory
 from handlers.registry import Registry
@@ -78,6 +79,7 @@ class LamabusService:
         self.engine: Engine | None = None
         self.models: ModelsRuntime | None = None
         self.assistant: Assistant | None = None
+        self.quotas: Quotas | None = None  # per-author limits, shared by the assistant and the llm API
         self.analyser: TopicAnalyser | None = None  # None when settings.analysis is off
         self.lane_order: LaneOrder | None = None
         self.intake: TopicIntake | None = None
@@ -168,12 +170,17 @@ class LamabusService:
                 RegistryAnalysisStore(self.registry), runtime, publisher,
                 AnalysisSettings(every=s.analysis_every, node_id=s.node_name), system_prompt=s.system_prompt,
                 on_outcome=self.metrics.topic_analysis if self.metrics else None))
+        # One set of per-author quotas for the topics and the llm API (handlers/quotas.py).
+        self.quotas = Quotas(QuotaSettings(
+            max_tokens=s.quota_max_tokens, max_tokens_policy=s.quota_max_tokens_policy,
+            prompt_chars=s.quota_prompt_chars, messages_per_minute=s.quota_messages_per_minute,
+            running_per_author=s.quota_running_per_author))
         self.assistant = await stack.enter_async_context(Assistant(
             directory, runtime, publisher,
             AssistantSettings(max_concurrent_topics=s.max_concurrent_topics, max_queue_per_model=s.max_queue_per_model,
                               on_new_message=s.on_new_message, system_prompt=s.system_prompt,
                               progress_interval=max(1.0, s.ack_wait / 3), node_id=s.node_name),
-            background=self.analyser,
+            background=self.analyser, quotas=self.quotas,
         ))
         limits = StreamLimits(max_age=s.topics_max_age, max_bytes=s.topics_max_bytes)
         submit = order.submit(self.assistant.submit)
@@ -187,7 +194,8 @@ class LamabusService:
             self.intake = TopicIntake(self.nc, self.subjects, submit, ack_wait=s.ack_wait,
                                       duplicate_window=s.duplicate_window, window=s.intake_window, limits=limits)
         if self.metrics:
-            self.metrics.observe(assistant=self.assistant, engine=self.engine, models=self.models, intake=self.intake)
+            self.metrics.observe(assistant=self.assistant, engine=self.engine, models=self.models, intake=self.intake,
+                                 quotas=self.quotas)
 
         self._tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(self._tg.cancel_scope.cancel)  # runs before the task group exits
@@ -196,7 +204,7 @@ class LamabusService:
         stack.push_async_callback(cancel_sub.unsubscribe)
         self.api = Api(registry=self.registry, models=self.models, engine=self.engine, nc=self.nc, prefix=s.prefix,
                        service_diagnostics=self.diagnostics, metrics=self.metrics, node_id=s.node_name,
-                       nodes=self._live_nodes)
+                       nodes=self._live_nodes, quotas=self.quotas)
         # Long endpoints (pull, load, generate) run their requests as tasks in this service's task group.
         service = await start_service(self.nc, self.subjects.api, self.api.endpoints(), task_group=self._tg)
         stack.push_async_callback(service.stop)
