@@ -92,8 +92,6 @@ class QuotasLike(Protocol):
     refusals: collections.Counter[tuple[str, str]]
     clamped: collections.Counter[str]
 
-    def stats(self) -> dict[str, Any]: ...
-
 
 @dataclass(eq=False, slots=True)
 class _Live:
@@ -386,10 +384,6 @@ def _quota_families(quotas: QuotasLike | None) -> Iterator[Metric]:
         clamped.add_metric([path], quotas.clamped.get(path, 0))
     yield refusals
     yield clamped
-    authors = GaugeMetricFamily(PREFIX + "quota_authors", "Authors whose quotas are being kept now (active in "
-                                "the last minute, or with a request running).")
-    authors.add_metric([], float(quotas.stats().get("authors", 0)))
-    yield authors
 
 
 def _add(family: CounterMetricFamily, counts: Iterable[tuple[tuple[str, str], int]] | dict[Any, int]) -> None:
