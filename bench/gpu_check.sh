@@ -164,4 +164,4 @@ if eight:
 print("gpu:", r.get("gpu"))
 EOF
 fi
-step "done; everything is in $out"
+step "done; everything is in $out (cp $out/results.json bench/gpu.json; python -m bench --render-only: docs/benchmarks.md section 8)"

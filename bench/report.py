@@ -314,6 +314,33 @@ def _side_measures_section() -> str | None:
         "| measure | figure | target | met? |", "|---|---|---|---|", *rows, ""])
 
 
+def gpu_section() -> str:
+    """bench/gpu_check.sh's figures (its results.json, committed as bench/gpu.json), or why there are none."""
+    head = "## 8. On a GPU (`bench/gpu_check.sh`)\n\n"
+    g = _side_json("gpu.json")
+    if g is None:
+        return head + (
+            "Not measured with it: the session that wrote bench/gpu_check.sh had no GPU machine, so the script ran "
+            "only in its `--cpu` and `--dry-run` modes. Issue 22 reports figures measured by hand in an earlier "
+            "session on a lent NVIDIA H200 (16 cores; llama.cpp built with CUDA for sm_90; the bundled model cut to "
+            "8 blocks; every layer offloaded on both sides): lamabus ÷ llama-server 0.987 on one stream (1,668 vs "
+            "1,690 tok/s) and 0.988 at 8 topics (3,492 vs 3,534 tok/s aggregate); with the then default of one GPU "
+            "layer lamabus ran at 643 tok/s. They were not re-measured since; the default is now every layer "
+            "that fits.\n")
+    tps = (g.get("single_stream") or {}).get("tps") or {}
+    levels = g.get("concurrency") or []
+    top = max(levels, key=lambda c: c.get("topics", 0)) if levels else {}
+    gpu = g.get("gpu") or {}
+    return head + "\n".join([
+        f"`{g.get('command', 'bench/gpu_check.sh')}` on {g.get('date', '?')}: {gpu.get('nGpuLayersUsed')} of "
+        f"{gpu.get('layers')} layers on {gpu.get('device') or '?'} (parameters: {g.get('parameters')}).\n",
+        "| measure | lamabus | llama-server | lamabus ÷ llama-server |", "|---|---|---|---|",
+        f"| one stream, tok/s | {_n(tps.get('bus'))} | {_n(g.get('llama_server_one_stream_tps'))} | "
+        f"{_n(g.get('bus_over_llama_server_tps'), '.3f')} |",
+        f"| {top.get('topics', '?')} topics, aggregate tok/s | {_n(top.get('aggregate_tps'))} | "
+        f"{_n(g.get('llama_server_8_streams_tps'))} | {_n(g.get('batched8_over_llama_server'), '.3f')} |", ""])
+
+
 def render(results: dict[str, Any]) -> str:
     out: list[str] = []
     w = out.append
@@ -537,6 +564,7 @@ def render(results: dict[str, Any]) -> str:
         w(cluster)
     if (side := _side_measures_section()) is not None:
         w(side)
+    w(gpu_section())
 
     # ---- profile
     prof = results.get("profile") or {}
