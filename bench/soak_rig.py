@@ -64,7 +64,9 @@ class Rig:
         self.dir.mkdir(parents=True)
         self.broker = EmbeddedNatsServer(self.dir / "jetstream")
         self.config = self.dir / "lamabus.toml"
-        self.config.write_text('[lamabus]\nlog_level = "info"\nhistory_cache_turns = 2\nweb = "off"\n')
+        # The burst is one author's 1,000 messages at once: per-author quotas (issue 20.4) would refuse most.
+        self.config.write_text('[lamabus]\nlog_level = "info"\nhistory_cache_turns = 2\nweb = "off"\n'
+                               'quota_messages_per_minute = 0\nquota_running_per_author = 0\n')
         self.serve: ServeProcess | None = None
         self.nc: Any = None
         self.js: Any = None
