@@ -140,6 +140,17 @@ class TolerantClient(Client):
         return self.msg_class(subject=subject.decode(errors="replace"), reply=reply.decode(errors="replace"),
                               data=data, headers=headers, _client=self, _sid=sid)
 
+    async def _process_connect_init(self) -> None:
+        # A login refused while reconnecting leaves nats-py's transport open (it makes a new one for the next
+        # try): close it, or every retry of a revoked credential leaks a socket until the collector finds it.
+        try:
+            await super()._process_connect_init()
+        except BaseException:
+            if self._transport is not None:
+                with contextlib.suppress(Exception):
+                    self._transport.close()
+            raise
+
     async def _process_err(self, err_msg: str) -> None:
         if self.keep_trying and self.is_connected and refusal(nats.errors.Error(err_msg)) is not None:
             err = nats.errors.Error(f"nats: {err_msg.strip(chr(39))}")

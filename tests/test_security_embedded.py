@@ -1,0 +1,122 @@
+"""`lamabus serve` with no set-up is secure by itself (issue 20, section 3): the CLI finds the admin login
+in the data dir, a chat login is refused admin endpoints with one line, the page's token is printed on
+stdout only, and no secret reaches a log, a diagnostic or an error. ``--insecure`` keeps the open broker
+and says so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from bus.auth.credentials import Credentials
+from bus.client import LamabusClient
+from bus.config import Settings
+from bus.node.app import LamabusService
+from tests.conftest import entered_in_own_task
+from wire.api import TopicList
+
+pytestmark = pytest.mark.model
+
+LAMABUS = str(Path(sys.executable).parent / "lamabus")
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMABUS_")}
+    env["HOME"] = str(tmp_path / "home")
+    return env
+
+
+async def _run(*args: str, env: dict[str, str], timeout: float = 120) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(LAMABUS, *args, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_serve_secure_by_default_and_no_secret_in_any_output(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = _env(tmp_path)
+    serve = await asyncio.create_subprocess_exec(
+        LAMABUS, "serve", "--data-dir", str(data), "--web", "127.0.0.1:0", "--log-level", "debug", env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert serve.stdout is not None and serve.stderr is not None
+    logs: list[str] = []
+    outputs: list[str] = []
+    try:
+        async with asyncio.timeout(120):
+            while not any("lamabus ready" in line for line in logs):
+                raw = await serve.stderr.readline()
+                assert raw, "serve exited before it was ready:\n" + "".join(logs)
+                logs.append(raw.decode())
+            page_line = (await serve.stdout.readline()).decode()
+        drain = asyncio.ensure_future(serve.stderr.read())
+        secrets = json.loads((data / "auth" / "secrets.json").read_text())
+        assert page_line.startswith("chat page: http://127.0.0.1:") and f"#token={secrets['chat']}" in page_line
+
+        # The admin CLI with no set-up: it finds the admin password in the data directory.
+        code, out, err = await _run("chat", "demo", "--once", "Hello", "--max-tokens", "8", "--data-dir", str(data),
+                                    env=env)
+        assert code == 0 and out.strip(), err
+        outputs += [out, err]
+        code, out, err = await _run("diagnostics", "--json", "--data-dir", str(data), env=env)
+        assert code == 0, err
+        outputs += [out, err]
+        assert json.loads(out)["service"]["embedded"] is True
+
+        # A chat login may not remove a model: one line, exit 1, `forbidden`, no timeout.
+        chat_password = tmp_path / "chat-password"
+        chat_password.write_text(secrets["chat"])
+        url = (data / "nats.url").read_text().strip()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        code, out, err = await _run("models", "rm", "smollm2-135m-instruct", "--nats-url", url, "--nats-user", "chat",
+                                    "--nats-password-file", str(chat_password), env=env)
+        outputs += [out, err]
+        assert code == 1 and err.strip() == "error [forbidden]: forbidden: this login may not publish to " \
+                                            "lama.api.models.remove", err
+        assert loop.time() - started < 20
+        # A wrong password for the admin: unauthorized, one line.
+        wrong = tmp_path / "wrong"
+        wrong.write_text("wrong-password")
+        code, out, err = await _run("topics", "list", "--nats-url", url, "--nats-user", "lamabus-admin",
+                                    "--nats-password-file", str(wrong), env=env)
+        outputs += [out, err]
+        assert code == 1 and err.startswith("error [unauthorized]") and len(err.strip().splitlines()) == 1, err
+    finally:
+        if serve.returncode is None:
+            serve.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            await serve.wait()
+    logs.append((await drain).decode())
+    rest = (await serve.stdout.read()).decode()
+    assert serve.returncode == 0
+    everything = "".join(logs) + rest + "".join(outputs)
+    for role in ("service", "admin"):
+        assert secrets[role] not in everything + page_line, f"the {role} password leaked"
+    assert secrets["chat"] not in everything, "the page token is for stdout's one line only"
+    assert "users service, admin and chat" in "".join(logs)
+
+
+async def test_insecure_keeps_the_open_broker_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(data_dir=str(tmp_path / "data"), embedded_port=0, web="off", analysis=False, insecure=True)
+    with caplog.at_level(logging.WARNING, logger="lamabus"):
+        async with entered_in_own_task(LamabusService(settings)) as svc:
+            assert svc.auth is None and svc.url
+            async with LamabusClient.connect(svc.url, credentials=Credentials()) as client:
+                assert (await client.call(TopicList())).topics == []
+    assert any("--insecure" in r.getMessage() and "anyone" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "data" / "auth").exists()
+    # The environment says the same as the flag.
+    from bus.config import load_settings
+
+    assert load_settings(environ={"LAMABUS_INSECURE": "1"}).insecure is True
+    assert load_settings(environ={}).insecure is False
