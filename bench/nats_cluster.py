@@ -77,9 +77,15 @@ class ClusterNode:
 
 class NatsCluster:
     def __init__(self, base_dir: str | os.PathLike[str], *, size: int = 3, name: str = "lama-test",
-                 startup_timeout: float = 60.0) -> None:
+                 startup_timeout: float = 60.0, config: str = "", connect_options: dict | None = None,
+                 scheme: str = "nats") -> None:
         if size < 1:
             raise ValueError("size must be >= 1")
+        #: More config for every server (users and permissions, a ``tls`` block: tests/test_security_cluster.py),
+        #: the nats-py options the readiness probe logs in with, and the clients' URL scheme (``tls`` for TLS).
+        self.config = config
+        self.connect_options = connect_options or {}
+        self.scheme = scheme
         self.base_dir = Path(base_dir)
         self.name = name
         self.startup_timeout = startup_timeout
@@ -96,7 +102,7 @@ class NatsCluster:
 
     @property
     def urls(self) -> list[str]:
-        return [n.url for n in self.nodes]
+        return [n.url.replace("nats://", f"{self.scheme}://", 1) for n in self.nodes]
 
     def urls_from(self, i: int) -> list[str]:
         """Every server's URL, server ``i`` first: connect there, fail over to the rest in order."""
@@ -116,6 +122,7 @@ class NatsCluster:
             f'  listen: "{HOST}:{node.cluster_port}"\n'
             f"  routes: [{routes}]\n"
             f"}}\n"
+            + self.config
         )
         return path
 
@@ -155,8 +162,9 @@ class NatsCluster:
         running = [n for n in self.nodes if n.running]
         for node in running:
             await self._wait_listening(node, deadline)
-        nc = await nats.connect(servers=[n.url for n in running], connect_timeout=2, allow_reconnect=True,
-                                max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+        nc = await nats.connect(servers=[self.urls[n.index - 1] for n in running], connect_timeout=2,
+                                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.1,
+                                **self.connect_options)
         try:
             probe = f"CLUSTER_PROBE_{uuid.uuid4().hex[:8]}"
             config = {"name": probe, "subjects": [f"cluster.probe.{probe}"], "storage": "memory",

@@ -132,6 +132,21 @@ async def test_chat_posts_and_reads_history_but_cannot_touch_streams_or_the_serv
         assert str(caught.value).startswith("forbidden: this login may not publish to $JS.API.CONSUMER.CREATE")
 
 
+@pytest.mark.model
+async def test_the_service_itself_is_never_refused(secured: LamabusService, caplog: pytest.LogCaptureFixture) -> None:
+    """A conversation, an API call of every kind the node makes, a registry event: the service role has all
+    a node needs (a refusal would be logged by the node's connection as `forbidden`)."""
+    async with await _as(secured, "admin") as admin:
+        await admin.call(TopicList())
+        items = [item async for item in admin.ask("service-check", "Hi", timeout=120)]
+        assert type(items[-1]).__name__ == "GenerationCompleted"
+        from wire.api import TopicCreate
+
+        await admin.call(TopicCreate(topic_id="made-by-admin"))
+    refused = [r.getMessage() for r in caplog.records if "forbidden" in r.getMessage()]
+    assert refused == [], refused
+
+
 async def test_a_chat_user_limited_to_its_topics_is_refused_another_users(tmp_path: Path) -> None:
     """The narrower chat user of docs/security.md: `permissions("chat", topics=[...], inbox=...)`. NATS
     wildcards match whole tokens, so the user's topics are listed (alice-notes), not a prefix pattern."""
