@@ -193,8 +193,9 @@ class Assistant:
         ticket: Ticket | None = None
         if self.quotas is not None:
             try:
+                # A message id is unique within its topic: the quotas know a message by both.
                 ticket = self.quotas.admit(
-                    message.author_id, message.id, prompt_chars=len(message.text),
+                    message.author_id, f"{topic}/{message.id}", prompt_chars=len(message.text),
                     asked_max_tokens=message.params.max_tokens if message.params is not None else None,
                     path="topic", redelivered=delivery.redelivered)
             except QuotaRefused as exc:

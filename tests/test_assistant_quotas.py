@@ -154,3 +154,17 @@ async def test_max_tokens_above_the_cap_is_clamped_or_refused(parts):
     (failed,) = failures(pub)
     assert failed.request_id == "b" and failed.error.code is ErrorCode.MAX_TOKENS_EXCEEDED
     assert len(runtime.requests) == 1
+
+
+async def test_the_same_message_id_in_another_topic_is_another_message(parts):
+    directory, runtime, pub = parts
+    q = quotas(prompt_chars=4)
+    async with Assistant(directory, runtime, pub, quotas=q) as assistant:
+        await assistant.submit(msg("a", "too long", topic="t1"), FakeDelivery())
+        # "a" of t2 was accepted, handed back and comes again: not t1's refusal.
+        again = FakeDelivery(redelivered=True)
+        await assistant.submit(msg("a", "ok", topic="t2"), again)
+        with anyio.fail_after(10):
+            await again.acked.wait()
+    assert [f.topic for f in failures(pub)] == ["t1"]
+    assert [e.topic for e in pub.events if isinstance(e, GenerationCompleted)] == ["t2"]
