@@ -1,6 +1,6 @@
-"""What the security tests make for themselves: a CA with server and client certificates (the
-``cryptography`` package), nkeys and NATS JWTs (operator, account, user; the ``nkeys`` package that
-nats-py uses), ``.creds`` files, and nats-server config snippets for each kind of login."""
+"""What the security tests and bench/bench_auth.py make for themselves: a CA with server and client
+certificates (the ``cryptography`` package), nkeys and NATS JWTs (operator, account, user; the ``nkeys``
+package that nats-py uses), ``.creds`` files, and nats-server config snippets for each kind of login."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from bus.auth.roles import ROLES, permissions
 from bus.client import LamabusClient
 from bus.config import Settings
 from tests.conftest import entered_in_own_task
-from tests.security_rig import make_pki, tls_config
+from bench.security_rig import make_pki, tls_config
 from wire.api import ModelRemove, ModelsList
 from wire.errors import ErrorCode, LamaError
 from wire.params import GenerationParams

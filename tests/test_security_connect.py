@@ -23,7 +23,7 @@ from bus.auth.embedded import load, load_or_create
 from bus.broker.connection import connect
 from bus.broker.embedded import EmbeddedNatsServer
 from bus.config import Settings
-from tests.security_rig import make_operator, make_pki, new_nkey, tls_config
+from bench.security_rig import make_operator, make_pki, new_nkey, tls_config
 from wire.errors import ErrorCode, LamaError
 
 LAMABUS = str(Path(sys.executable).parent / "lamabus")
