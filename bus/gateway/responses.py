@@ -67,6 +67,18 @@ class ChunkWriter:
         self.include_usage = include_usage
         self._head: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                       "created": created, "model": model}
+        # A token's chunk is the same JSON around its text each time: made once, the text spliced in (the
+        # per-token cost of the gateway is most of what it adds to a stream).
+        self._around: dict[str, tuple[bytes, bytes]] = {}
+        for channel in ("content", "thinking"):
+            marker = "\x00"
+            if chat:
+                key = "content" if channel == "content" else "reasoning_content"
+                choice: dict[str, Any] = {"index": 0, "delta": {key: marker}, "logprobs": None, "finish_reason": None}
+            else:
+                choice = {"index": 0, "text": marker, "logprobs": None, "finish_reason": None}
+            before, after = self._chunk(choice).rsplit(_encoder.encode(marker), 1)
+            self._around[channel] = (before, after)
 
     def _chunk(self, choice: dict[str, Any]) -> bytes:
         chunk = {**self._head, "choices": [choice]}
@@ -82,11 +94,12 @@ class ChunkWriter:
                             "finish_reason": None})
 
     def token(self, token: LlmToken) -> bytes:
-        if not self.chat:
-            return self._chunk({"index": 0, "text": token.text if token.channel == "content" else "",
-                                "logprobs": None, "finish_reason": None})
-        key = "content" if token.channel == "content" else "reasoning_content"
-        return self._chunk({"index": 0, "delta": {key: token.text}, "logprobs": None, "finish_reason": None})
+        """One token's chunk. Text completions have no thinking field: a thinking token's text is left out."""
+        if not self.chat and token.channel != "content":
+            before, after = self._around["content"]
+            return before + b'""' + after
+        before, after = self._around[token.channel]
+        return before + _encoder.encode(token.text) + after
 
     def last(self, result: LlmResult) -> list[bytes]:
         """The chunk with ``finish_reason``, then (with ``include_usage``) the usage chunk with no choices."""
