@@ -257,3 +257,31 @@ async def test_the_embedded_config_file_is_private(tmp_path: Path) -> None:
     async with EmbeddedNatsServer(tmp_path / "data" / "jetstream", config=auth.server_config("lama")) as server:
         assert stat.S_IMODE(server.config_path.stat().st_mode) == 0o600
         assert auth.passwords["admin"] in server.config_path.read_text()
+
+
+def test_urls_and_credentials_never_show_a_secret() -> None:
+    from bus.broker.connection import redact_url
+
+    assert redact_url(f"nats://alice:{PASSWORD}@127.0.0.1:4222,tls://bob:x@h:1") == \
+        "nats://***@127.0.0.1:4222,tls://***@h:1"
+    assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+    credentials = Credentials(user="alice", password=PASSWORD, token=TOKEN)
+    for shown in (repr(credentials), str(credentials), credentials.describe(), f"{credentials!r}"):
+        assert PASSWORD not in shown and TOKEN not in shown
+    assert sorted(credentials.secrets()) == sorted([PASSWORD, TOKEN])
+
+
+@pytest.mark.model
+async def test_a_password_in_the_broker_url_stays_out_of_diagnostics_and_logs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bus.node.app import LamabusService
+    from tests.conftest import entered_in_own_task
+
+    async with EmbeddedNatsServer(tmp_path / "js", config=_users({"user": "alice", "password": PASSWORD})) as server:
+        url = f"nats://alice:{PASSWORD}@127.0.0.1:{server.port}"
+        settings = Settings(nats_url=url, data_dir=str(tmp_path / "data"), web="off", analysis=False)
+        with caplog.at_level(logging.DEBUG):
+            async with entered_in_own_task(LamabusService(settings)) as svc:
+                diagnostics = await svc.diagnostics()
+                assert diagnostics.url == f"nats://***@127.0.0.1:{server.port}"
+        assert all(PASSWORD not in r.getMessage() for r in caplog.records)
