@@ -4,17 +4,21 @@ the clamp policy gives at most the cap's tokens, and every refusal and clamp is 
 
 from __future__ import annotations
 
+import signal
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import anyio
 import pytest
+from nats.aio.client import Client
 
+from bench.serve_process import ServeProcess
 from bus.client import LamabusClient
 from bus.config import Settings
 from bus.node.app import LamabusService
 from tests.conftest import entered_in_own_task
+from tests.test_faults import COUNTING, PARAMS, QUICK, assert_answered_once, chat, first_token, post, stored, wait_end
 from tests.test_metrics import Samples, scrape_http, value
 from wire.api import ChatTurnIn, LlmGenerate, LlmInitialize, LlmResult
 from wire.errors import ErrorCode, LamaError
@@ -137,12 +141,12 @@ async def test_running_per_author_and_the_refuse_policy(tmp_path, nats_url):
             if isinstance(event, (GenerationCompleted, GenerationFailed)) and rid == waiting.id:
                 alice_answered.set()
 
-        def chat(topic: str, author: str, text: str, params: GenerationParams) -> ChatMessage:
+        def message(topic: str, author: str, text: str, params: GenerationParams) -> ChatMessage:
             return ChatMessage(id=str(uuid.uuid4()), topic=topic, author_id=author, text=text,
                                sent_at=datetime.now(timezone.utc), params=params)
 
-        bob = chat("quota-x", "bob", "Count to 300.", long)
-        waiting = chat("quota-x", "alice", "Say A.", ONE)
+        bob = message("quota-x", "bob", "Count to 300.", long)
+        waiting = message("quota-x", "alice", "Say A.", ONE)
         await client.nc.subscribe(f"{settings.prefix}.topic.*.evt", cb=on_event)
         await client.nc.subscribe(f"{settings.prefix}.topic.*.tok", cb=on_event)
         await client.nc.flush()
@@ -178,3 +182,37 @@ async def test_running_per_author_and_the_refuse_policy(tmp_path, nats_url):
                                    ("llm", "running", 1), ("topic", "rate", 0)):
             assert refusals(after, path, quota) - refusals(before, path, quota) == moved, (path, quota)
         assert value(after, "lamabus_quota_clamped_total", path="topic") == 0  # refuse policy: nothing lowered
+
+
+@pytest.mark.slow
+async def test_a_message_accepted_before_a_crash_is_answered_not_refused_after_the_restart(tmp_path, nats_url):
+    """Exactly once under quotas: ``lamabus serve`` is killed while it answers the author's message A;
+    while it is down the author posts B. The restarted node (fresh counts) takes B first, which fills
+    the author's minute (1 message) and running place (1); A comes again after ack_wait, and is
+    answered (it was accepted before the crash), never refused."""
+    config = tmp_path / "lamabus.toml"
+    # A long ack_wait: A is offered again well after the restarted node has taken B.
+    config.write_text('[lamabus]\nlog_level = "info"\nack_wait = 15\nweb = "off"\n'
+                      'quota_messages_per_minute = 1\nquota_running_per_author = 1\n')
+    service = ServeProcess(nats_url, tmp_path / "data", config, strict=True)
+    nc = Client()
+    await nc.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await service.start()
+        a = chat("crash-a", COUNTING, PARAMS)
+        await first_token(nc, "crash-a", a.id, lambda: post(js, a))
+        assert await service.kill() == -signal.SIGKILL
+        b = chat("crash-b", "Say B.", QUICK)
+        await post(js, b)
+        await service.start()
+        ended_b = await wait_end(js, "crash-b", b.id, timeout=120)
+        ended_a = await wait_end(js, "crash-a", a.id, timeout=120)
+        assert isinstance(ended_a, GenerationCompleted), ended_a  # never rate_limited nor too_many_running
+        assert_answered_once(await stored(js, "crash-a"), "crash-a", a.id)
+        # B, taken first by the fresh node, was answered too (the order the test is about).
+        assert isinstance(ended_b, GenerationCompleted), ended_b
+        assert await service.stop() == 0, service.log_tail()
+    finally:
+        await service.aclose()
+        await nc.close()
