@@ -322,3 +322,23 @@ def test_retry_after_counts_redeliveries_admitted_over_the_limit():
     clock.now = 1030.0
     # Room for one more once two have left: "b" leaves at 1070.
     assert refused(lambda: admit(q, rid="c")).details["retryAfterMs"] == 40_000
+
+
+def test_settings_have_quota_defaults_and_take_them_from_the_environment_and_the_file(tmp_path):
+    from bus.config import Settings, load_settings
+    from wire.errors import LamaError
+
+    d = Settings()
+    assert (d.quota_max_tokens, d.quota_max_tokens_policy, d.quota_prompt_chars, d.quota_messages_per_minute,
+            d.quota_running_per_author) == (4096, "clamp", 131_072, 300, 16)
+    config = tmp_path / "lamabus.toml"
+    config.write_text('[lamabus]\nquota_max_tokens_policy = "refuse"\nquota_prompt_chars = 0\n')
+    s = load_settings(environ={"LAMABUS_QUOTA_MESSAGES_PER_MINUTE": "0", "LAMABUS_QUOTA_RUNNING_PER_AUTHOR": "2"},
+                      config_file=config)
+    assert (s.quota_max_tokens_policy, s.quota_prompt_chars, s.quota_messages_per_minute,
+            s.quota_running_per_author) == ("refuse", 0, 0, 2)
+    with pytest.raises(LamaError) as exc:
+        load_settings(environ={"LAMABUS_QUOTA_MAX_TOKENS_POLICY": "sometimes"})
+    assert exc.value.code is ErrorCode.BAD_REQUEST and exc.value.details["field"] == "$.quota_max_tokens_policy"
+    with pytest.raises(LamaError):
+        load_settings(environ={"LAMABUS_QUOTA_MAX_TOKENS": "40000"})  # above the wire's maxTokens bound
