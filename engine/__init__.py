@@ -12,7 +12,10 @@ Modules:
 * ``protocol`` - length-prefixed msgpack frames between the two (tagged msgspec Structs), read and written
   by the same code on both ends.
 * ``gguf``     - GGUF header reader (model info without weights; precise diagnosis of broken files).
-* ``memory``   - memory prediction (weights + KV + compute) against MemAvailable / cgroup limits.
+* ``memory``   - memory prediction (weights + KV + compute, RAM and VRAM) against MemAvailable / cgroup limits
+  and the free VRAM; ``plan_load`` picks the GPU layers ("auto": as many as fit) and the sequences.
+* ``gpu``      - what GPU llama.cpp can use and its free memory (a probe child for the parent; ggml's device
+  API and llama.cpp's own log lines for the worker); the ``LAMABUS_GPU_FAULT`` test hook.
 * ``chat``     - chat templates from GGUF metadata (jinja2, ChatML fallback) and history fitting.
 * ``text``     - streaming UTF-8 / ``<think>`` / stop-sequence processing.
 * ``types``    - the data contract with the rest of lamabus.
