@@ -224,3 +224,13 @@ def test_a_crashing_probe_is_a_reason_not_a_crash():
     fake = asyncio.run(gpu.probe(sys.executable, {"LAMABUS_GPU_FAULT": "fake:1024"}))
     assert fake.free_bytes == 1 << 30 and fake.source == "fault hook"
     assert json.loads(msgspec.json.encode(fake))["devices"][0]["freeBytes"] == 1 << 30
+
+
+def test_nvidia_smi_answers_for_free_vram_where_ggml_cannot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert gpu.nvidia_smi() == [] or os.path.exists("/usr/bin/nvidia-smi")  # none on a CPU machine
+    # nvidia-smi's CSV (--query-gpu=index,name,memory.total,memory.free --format=csv,noheader,nounits), MiB
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text("#!/bin/sh\necho '0, NVIDIA H200, 143771, 142913'\necho 'No devices were found, oops'\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert gpu.nvidia_smi() == [GpuDevice("CUDA0", "NVIDIA H200", 143771 << 20, 142913 << 20)]
