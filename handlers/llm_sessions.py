@@ -170,7 +170,8 @@ class LlmSessions:
             sampling = request.sampling
             capped = self.quotas.cap(sampling.max_tokens, "llm")
             if capped != sampling.max_tokens:
-                request = msgspec.structs.replace(request, sampling=msgspec.structs.replace(sampling, max_tokens=capped))
+                sampling = msgspec.structs.replace(sampling, max_tokens=capped)
+                request = msgspec.structs.replace(request, sampling=sampling)
         return _Prepared(req.handle, client_id, request, info, ticket)
 
     async def generate(self, req: LlmGenerate | "_Prepared",
