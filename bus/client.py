@@ -114,6 +114,8 @@ class LamabusClient:
         queue: asyncio.Queue[TopicEvent | LamaError] = asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
+            if msg.reply and msg.reply.startswith("$JS.ACK."):
+                return  # stored bytes a JetStream consumer replays onto the subject: not lamabus's (docs/security.md)
             try:
                 queue.put_nowait(decode_topic_event(msg.data))
             except LamaError:

@@ -221,3 +221,31 @@ def test_grant_follows_the_table() -> None:
         grant("root")  # type: ignore[arg-type]
     # Every user name of the embedded broker is one of these roles.
     assert set(USERS) == set(ROLES)
+
+
+@pytest.mark.model
+async def test_a_consumer_cannot_deliver_a_posted_message_to_an_admin_endpoint(secured: LamabusService) -> None:
+    """A chat login may post any bytes to a topic (they are stored) and create consumers on the topic stream,
+    whose deliver subject nats-server does not check against permissions. Delivered onto
+    ``lama.api.models.remove`` (to the API's queue group ``q``), the bytes would be
+    a request made with the broker's hands: the service refuses whatever a JetStream consumer delivers (its
+    reply is the consumer's ack subject), and the model stays."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from wire.api import DiagnosticsGet, ModelGet, ModelsList
+
+    async with await _as(secured, "admin") as admin, await _as(secured, "chat") as chat:
+        model_id = (await admin.call(ModelsList())).active_model_id
+        assert model_id
+        await chat.js.publish("lama.topic.smuggle.msg", json.dumps({"modelId": model_id}).encode())
+        targets = {"lama.api.models.remove": "q"}  # the API's queue group: delivered there without the refusal
+        for subject, group in targets.items():
+            await chat.js.add_consumer("LAMA_TOPICS", ConsumerConfig(
+                deliver_subject=subject, deliver_group=group, filter_subject="lama.topic.smuggle.msg",
+                ack_policy=AckPolicy.EXPLICIT, inactive_threshold=30))
+            for _ in range(200):  # bounded: the delivery is immediate, the refusal counted at once
+                if (await admin.call(DiagnosticsGet())).api.errors.get(f"{subject}.forbidden"):
+                    break
+                await asyncio.sleep(0.05)
+            assert (await admin.call(DiagnosticsGet())).api.errors.get(f"{subject}.forbidden"), subject
+        assert not (await admin.call(ModelGet(model_id=model_id))).model.deleted

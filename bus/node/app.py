@@ -34,7 +34,7 @@ from bus.web.metrics import MetricsServer, metrics_for
 from bus.gateway.server import GatewayServer, gateway_server_for
 from bus.node.publisher import NatsPublisher
 from bus.node.api import Api
-from bus.node.service import error_reply, serve_node, start_service
+from bus.node.service import delivered_by_jetstream, error_reply, serve_node, start_service
 from bus.subjects import Subjects
 from bus.web.page import WebServer, embedded_websocket_port, web_server_for
 from domain.mapper import follow
@@ -255,6 +255,8 @@ class LamabusService:
         """Every request on ``.cancel`` gets a reply: the outcome or a coded error. Never raises
         (nats-py would only log it, and the requester would wait for nothing)."""
         assert self.assistant is not None and self.nc is not None
+        if delivered_by_jetstream(msg.reply):  # replayed by a consumer, not a caller (bus/node/service.py)
+            return
         if isinstance(self.intake, PartitionedIntake):
             # Several nodes hear every cancel; the one that owns the topic's partition answers it.
             try:

@@ -60,6 +60,16 @@ def error_reply(exc: LamaError) -> tuple[str, str, bytes]:
 
 ErrorHook = Callable[[LamaError], None]
 
+_JS_ACK = "$JS.ACK."
+
+
+def delivered_by_jetstream(reply: str | None) -> bool:
+    """Whether a message came from a JetStream push consumer (its reply is the consumer's ack subject) rather
+    than from a client. A chat login may create consumers on the topic stream and choose their deliver
+    subject, which nats-server does not check against its permissions; what it delivers is never a
+    request, a cancel or a token to act on."""
+    return bool(reply) and reply.startswith(_JS_ACK)  # type: ignore[union-attr]
+
 
 def boundary(request_type: type[Req], handler: Callable[[Req], Awaitable[Any]], *, name: str,
              concurrent: bool = False, task_group: TaskGroup | None = None,
@@ -104,6 +114,14 @@ def boundary(request_type: type[Req], handler: Callable[[Req], Awaitable[Any]], 
 
     async def handle(request: Request) -> None:
         nonlocal in_flight
+        if delivered_by_jetstream(request._msg.reply):
+            # A push consumer replaying stored bytes onto this subject, not a caller: anyone who may post a
+            # message could otherwise make the broker deliver it here as a request (docs/security.md). The
+            # error reply acknowledges it, so it is not delivered again.
+            log.warning("%s: refused a request delivered by a JetStream consumer", name)
+            await answer_error(request, LamaError(ErrorCode.FORBIDDEN, "requests delivered by a JetStream "
+                                                  "consumer are refused", subject=name))
+            return
         if not concurrent:
             await process(request)
             return

@@ -668,7 +668,8 @@ async function openTopic(topic) {
 
   view.tokSub = state.nc.subscribe(subject(topic, "tok"), {
     callback: (err, msg) => {
-      if (err) return;
+      // A reply of $JS.ACK.: stored bytes a JetStream consumer replays onto the subject, not lamabus's.
+      if (err || msg.reply?.startsWith("$JS.ACK.")) return;
       try { onToken(view, msg.json()); } catch { /* not a token */ }
     },
   });
