@@ -32,6 +32,7 @@ def _positive(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.timeout(900)  # minutes of model work; 2 to 3 on a busy 2-core machine
 def test_quick_bench_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(

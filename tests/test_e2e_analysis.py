@@ -41,6 +41,7 @@ async def analysed(queue: asyncio.Queue, timeout: float = 120.0) -> TopicAnalyse
                 return event
 
 
+@pytest.mark.timeout(900)  # minutes of model work; 2 to 3 on a busy 2-core machine
 async def test_a_topic_is_analysed_after_its_first_reply_then_every_n(service, client):
     topic = "space"
     queue: asyncio.Queue = asyncio.Queue()
@@ -92,6 +93,7 @@ async def test_a_topic_is_analysed_after_its_first_reply_then_every_n(service, c
     await sub.unsubscribe()
 
 
+@pytest.mark.timeout(900)  # minutes of model work; 2 to 3 on a busy 2-core machine
 async def test_an_analysis_gives_way_to_a_users_message_and_runs_again_after(service, client):
     analyser = service.analyser
     started = analyser.started

@@ -101,6 +101,7 @@ async def engine_handle(model_path: Path):
 
 
 @pytest.mark.model
+@pytest.mark.timeout(900)  # minutes of model work; 2 to 3 on a busy 2-core machine
 async def test_a_schema_with_required_fields_and_an_enum_holds_for_20_seeds_in_one_batch(engine_handle):
     engine, handle = engine_handle
     question = "Invent a pet. Reply with its name, species and age as JSON."
