@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--streams-only", action="store_true",
                     help="only one stream and the concurrent topics (bench/gpu_check.sh), no conversation, "
                          "variants or registry")
+    ap.add_argument("--kv", action="store_true",
+                    help="also bench/bench_kv.py (saved KV states, issue 21: 50 topics on 8 slots, a returning topic, "
+                         "a restart; its --quick with --quick): its figures join results.json, all of them in "
+                         "bench/kv.json (full: tens of minutes on 2 cores)")
     ap.add_argument("--out-dir", help="write results.json and benchmarks.md here instead of bench/ and docs/")
     ap.add_argument("--workdir", help="where the temporary data directories go (the disk that holds the data)")
     ap.add_argument("--render-only", action="store_true",
@@ -126,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(text)
         return 0
+    if args.kv:
+        from bench import bench_kv
+
+        print("saved KV states (bench/bench_kv.py) ...", flush=True)
+        kv_json = str(Path(args.out_dir) / "kv.json") if args.out_dir else None
+        kv = bench_kv.measure(quick=args.quick, model=args.model, workdir=args.workdir, json_path=kv_json)
+        results.update({k: kv[k] for k in bench_kv.KEYS if k in kv})
     print("registry ...", flush=True)
     store = bench_store.run(args.appends, args.events, args.workdir)
     results["registry_append_eps"] = store["registry_append_eps"]

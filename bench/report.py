@@ -296,6 +296,24 @@ def _side_measures_section() -> str | None:
         ratio = a.get("analysis_ttft_ratio")
         rows.append(f"| TTFT while a topic analysis runs ÷ idle (`python -m bench.bench_analysis`) | "
                     f"{_n(ratio, '.3f')} (paired median {_n(a.get('paired_ratio_median'), '.3f')}) | — | — |")
+    if (k := _side_json("kv.json")) is not None:  # python -m bench.bench_kv: saved KV states (issue 21)
+        many, few = k.get("topics_many") or {}, k.get("topics_few") or {}
+        for key, label, op, bound in (
+            ("topics50_over_topics8", f"{many.get('topics', 50)} topics ÷ {few.get('topics', 8)} topics, messages/s "
+             f"({_n(k.get('topics50_msgs_per_s'), '.2f')} vs {_n(k.get('topics8_msgs_per_s'), '.2f')}; without the "
+             f"cache {_n(k.get('topics50_msgs_per_s_no_cache'), '.2f')}) (`python -m bench.bench_kv`)", ">=", 0.8),
+            ("returning_over_resident_ttft", f"TTFT of a returning ÷ a resident topic ({_n(k.get('returning_topic_ttft_ms'), '.0f')} "
+             f"vs {_n(k.get('resident_topic_ttft_ms'), '.0f')} ms)", "<=", 1.5),
+            ("after_restart_over_turn20_ttft", f"TTFT at turn 20 after a restart ÷ resident "
+             f"({_n(k.get('after_restart_turn20_ttft_ms'), '.0f')} vs {_n(k.get('turn20_ttft_ms'), '.0f')} ms)", "<=", 1.5),
+            ("rss_growth_over_kv_cache_ram", "peak RSS growth with the RAM cache full ÷ kv_cache_ram", "<=", 1.1),
+        ):
+            v = k.get(key)
+            ok = isinstance(v, (int, float)) and (v >= bound if op == ">=" else v <= bound)
+            quick = (f" (quick run: {(k.get('parameters') or {}).get('turns')} messages a topic)"
+                     if k.get("quick") and key == "topics50_over_topics8" else "")
+            rows.append(f"| {label}{quick} | {_n(v, '.3f')} | {op.replace('>=', '≥').replace('<=', '≤')} "
+                        f"{bound} | {'yes' if ok else '**no**'} |")
     if (st := _side_json("store.json")) is not None and "registry_jetstream_append_p50_ms" in st:
         rows.append(f"| registry append p50, JetStream ÷ SQLite (`python -m bench.bench_store`) | "
                     f"{_n(st.get('registry_jetstream_append_p50_ratio'), '.2f')} "
