@@ -292,6 +292,13 @@ def _side_measures_section() -> str | None:
                     f"(recorder {_n(m.get('metrics_ns_per_token'), '.0f')} ns/token, bound "
                     f"{_n(m.get('metrics_cost_bound_ratio'), '.4f')}) | ≥ {m.get('metrics_target', 0.98)} | "
                     f"{'yes' if (ratio or 0) >= m.get('metrics_target', 0.98) else '**no**'} |")
+    if (au := _side_json("auth.json")) is not None:  # python -m bench.bench_auth (issue 20)
+        ratio = au.get("auth_secure_plain_ratio")
+        target = au.get("auth_target", 0.98)
+        rows.append(f"| TLS + credentials ÷ open broker, one stream's bus tok/s (`python -m bench.bench_auth`) | "
+                    f"{_n(ratio, '.3f')} (the login's transport cost {_n(au.get('auth_cost_us_per_token'), '.1f')} "
+                    f"µs/token, bound {_n(au.get('auth_cost_bound_ratio'), '.4f')}) | ≥ {target} | "
+                    f"{'yes' if (ratio or 0) >= target else '**no**'} |")
     if (a := _side_json("analysis.json")) is not None:
         ratio = a.get("analysis_ttft_ratio")
         rows.append(f"| TTFT while a topic analysis runs ÷ idle (`python -m bench.bench_analysis`) | "
