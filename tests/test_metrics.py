@@ -114,6 +114,7 @@ async def test_counters_move_by_what_happened_reply_cancel_rejection_failure(ser
         counter("generation_tokens_total", model=MODEL): done.tokens,
         counter("prompt_tokens_total", model=MODEL): done.usage.prompt_tokens,
         counter("prompt_tokens_cached_total", model=MODEL): done.usage.cached_tokens,
+        counter("kv_cache_misses_total", model=MODEL): 1,  # a new topic: no saved KV state to restore
         hist("time_to_first_token_seconds"): 1,
         hist("inter_token_latency_seconds"): len(tokens) - 1,
         hist("request_queue_time_seconds"): 1,
@@ -150,6 +151,7 @@ async def test_counters_move_by_what_happened_reply_cancel_rejection_failure(ser
     assert moved == {
         counter("requests_total", model=MODEL, outcome="cancelled"): 1,
         counter("generation_tokens_total", model=MODEL): end.tokens,
+        counter("kv_cache_misses_total", model=MODEL): 1,
         hist("time_to_first_token_seconds"): 1,
     }
     assert 0 <= itl < end.tokens  # one per token message after the first; more tokens than messages
