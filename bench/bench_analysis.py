@@ -86,7 +86,8 @@ async def run(reps: int = 8, max_tokens: int = 8, workdir: str | None = None, lo
         async with LamabusService(settings) as service:
             analyser = service.analyser
             assert analyser is not None and service.url is not None
-            async with LamabusClient.connect(service.url, prefix=settings.prefix) as client:
+            # The embedded broker has users: log in as its admin from the data dir, as the CLI does.
+            async with LamabusClient.for_settings(settings) as client:
                 await _ttft(client, "warmup", QUESTION.format(nonce="warm"), max_tokens)  # loads the model
                 await _settle(service)
                 for rep in range(-warmup, reps):  # the first ones fill the engine's prompt cache: not counted
