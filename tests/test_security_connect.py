@@ -285,3 +285,21 @@ async def test_a_password_in_the_broker_url_stays_out_of_diagnostics_and_logs(
                 diagnostics = await svc.diagnostics()
                 assert diagnostics.url == f"nats://***@127.0.0.1:{server.port}"
         assert all(PASSWORD not in r.getMessage() for r in caplog.records)
+
+
+def test_the_cli_logs_in_as_the_local_admin_only_for_the_local_embedded_broker(tmp_path: Path) -> None:
+    from bus.auth.embedded import client_login
+
+    data = tmp_path / "data"
+    auth = load_or_create(data)
+    (data / "nats.url").write_text("nats://127.0.0.1:4999\n")
+    for flags in ({}, {"nats_url": "nats://127.0.0.1:4999"}):
+        url, credentials = client_login(Settings(data_dir=str(data), **flags))
+        assert url == "nats://127.0.0.1:4999" and credentials.user == "lamabus-admin"
+        assert credentials.password == auth.passwords["admin"]
+    # Another broker: the settings' login (here none), never the local admin's password.
+    url, credentials = client_login(Settings(data_dir=str(data), nats_url="nats://elsewhere:4222"))
+    assert url == "nats://elsewhere:4222" and credentials.empty
+    # Settings that name a login win over the data directory's.
+    url, credentials = client_login(Settings(data_dir=str(data), nats_user="bob"))
+    assert credentials.user == "bob"

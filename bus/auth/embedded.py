@@ -126,6 +126,14 @@ def client_login(settings: Settings) -> tuple[str, Credentials]:
     embedded broker (``<data-dir>/nats.url``) as its admin (``<data-dir>/auth/secrets.json``), so
     ``lamabus serve`` + ``lamabus chat demo`` work with no set-up."""
     credentials = from_settings(settings)
-    if credentials.empty and not settings.nats_url:
+    if credentials.empty and (not settings.nats_url or settings.nats_url == _local_url(settings)):
+        # Also for ``--nats-url`` naming the local embedded broker itself (its URL from nats.url).
         credentials = local_admin(settings.data_path) or credentials
     return settings.client_url(), credentials
+
+
+def _local_url(settings: Settings) -> str | None:
+    try:
+        return settings.embedded_url_file.read_text().strip() or None
+    except OSError:
+        return None
