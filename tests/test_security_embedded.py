@@ -62,6 +62,12 @@ async def test_serve_secure_by_default_and_no_secret_in_any_output(tmp_path: Pat
         secrets = json.loads((data / "auth" / "secrets.json").read_text())
         assert page_line.startswith("chat page: http://127.0.0.1:") and f"#token={secrets['chat']}" in page_line
 
+        # The WebSocket listener (the page's) takes the chat login only: the server's config says so per user.
+        config = (data / "jetstream.conf").read_text()
+        users = json.loads(config[config.index("users = ") + len("users = "):config.rindex("]") + 1])
+        assert {u["user"]: u["allowed_connection_types"] for u in users} == {
+            "lamabus-service": ["STANDARD"], "lamabus-admin": ["STANDARD"], "chat": ["STANDARD", "WEBSOCKET"]}
+
         # The admin CLI with no set-up: it finds the admin password in the data directory.
         code, out, err = await _run("chat", "demo", "--once", "Hello", "--max-tokens", "8", "--data-dir", str(data),
                                     env=env)
