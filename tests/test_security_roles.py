@@ -70,7 +70,8 @@ async def test_every_endpoint_of_the_table_per_role(secured: LamabusService) -> 
                 got = await _outcome(client, f"lama.api.{spec.name}")
                 want = "answered" if allowed.may_call(spec.name) else "forbidden"
                 assert got == want, (role, spec.name, got)
-                assert loop.time() - started < 10, (role, spec.name, "a refusal must not wait for a timeout")
+                if want == "forbidden":
+                    assert loop.time() - started < 10, (role, spec.name, "a refusal must not wait for a timeout")
             # One node's own copy of the API is admin's (and the service's): chat never reaches it.
             got = await _outcome(client, f"lama.api.node.{node}.diagnostics")
             assert got == ("forbidden" if role == "chat" else "answered"), (role, got)
