@@ -132,9 +132,22 @@ async def run_gateway(settings: Settings, nats_url: str, credentials: Any = None
     address = settings.openai_address or parse_address(DEFAULT_GATEWAY_ADDRESS)
     server = gateway_server_for(settings, nats_url, address=address, credentials=credentials)
     assert server is not None
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with server:
-            log.info("lamabus gateway ready on %s", server.url)
+    # Signals are taken before the start, so one that comes while the broker is still being reached
+    # abandons the start instead of waiting for it (as serve does).
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, anyio.CancelScope() as scope:
+        stop = anyio.Event()
+
+        async def watch() -> None:
             async for signum in signals:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
+                stop.set()
+                if server.url is None:
+                    scope.cancel()
                 return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            async with server:
+                log.info("lamabus gateway ready on %s", server.url)
+                await stop.wait()
+            tg.cancel_scope.cancel()
