@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import io
 import json
 import random
@@ -125,24 +127,29 @@ async def test_text_completions(gw, oa):
     assert "".join([c.choices[0].text async for c in stream if c.choices]) == whole.choices[0].text
 
 
-async def test_closing_the_stream_cancels_the_generation_on_the_service(gw, oa):
+async def test_a_client_that_leaves_cancels_its_generation_on_the_service(gw, oa):
+    """Closing a stream, or giving up on a reply that is not streamed: the engine stops generating (the
+    generation's own result, published on its inbox, says ``cancelled``)."""
     spy = await nats.connect(gw.url)
     results: dict[str, LlmResult] = {}
-    ended = anyio.Event()
+    arrived: dict[str, anyio.Event] = collections.defaultdict(anyio.Event)
+    started: asyncio.Queue[str] = asyncio.Queue()
 
-    async def on_msg(msg) -> None:  # every llm.* stream's chunks go to an inbox: its result is an event we can hear
+    async def on_msg(msg) -> None:  # every llm.* stream's chunks go to an inbox, where anyone may listen
         item = msgspec.json.decode(msg.data)
-        if isinstance(item, dict) and item.get("type") == "llm.result":
+        if isinstance(item, dict) and item.get("type") == "llm.token" and item.get("seq") == 0:
+            started.put_nowait(item["requestId"])
+        elif isinstance(item, dict) and item.get("type") == "llm.result":
             result = msgspec.convert(item, LlmResult)
             results[result.request_id] = result
-            ended.set()
+            arrived[result.request_id].set()
 
     await spy.subscribe("_INBOX.>", cb=on_msg)
     await spy.flush()
+    count = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
     try:
-        stream = await oa.chat.completions.create(
-            model=BUNDLED, messages=[{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
-            max_tokens=2000, temperature=0.0, stream=True)
+        stream = await oa.chat.completions.create(model=BUNDLED, messages=count, max_tokens=2000, temperature=0.0,
+                                                  stop=[], stream=True)
         seen = 0
         async for chunk in stream:
             seen += 1
@@ -150,12 +157,23 @@ async def test_closing_the_stream_cancels_the_generation_on_the_service(gw, oa):
                 break
         await stream.close()
         with anyio.fail_after(30):
-            await ended.wait()
-        result = results[chunk.id]  # the response id is the generation's request id on the bus
-        assert result.finish_reason == "cancelled" and result.tokens < 2000
+            await arrived[chunk.id].wait()  # the response id is the generation's request id on the bus
+        assert results[chunk.id].finish_reason == "cancelled" and results[chunk.id].tokens < 2000
         with anyio.fail_after(10):
             while chunk.id in gw.api.llm.running:
                 await anyio.sleep(0.05)  # the session forgets it as the engine hands the result back
+        assert (await started.get()) == chunk.id
+
+        waiting = asyncio.create_task(oa.chat.completions.create(model=BUNDLED, messages=count, max_tokens=2000,
+                                                                 temperature=0.0, stop=[]))
+        with anyio.fail_after(60):
+            rid = await started.get()  # its first token: the engine is on it
+        waiting.cancel()  # the HTTP connection closes under the gateway
+        with anyio.fail_after(30):
+            await arrived[rid].wait()
+        assert results[rid].finish_reason == "cancelled" and results[rid].tokens < 2000
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
     finally:
         await spy.close()
 
