@@ -255,6 +255,21 @@ async def test_too_many_at_once_is_429_with_retry_after(tmp_path, nats_url):
         await stream.close()
 
 
+async def test_a_handle_unused_for_keep_alive_is_released(tmp_path, nats_url):
+    """The gateway's handle keeps its model loaded on its node; unused for the service's keep_alive, it goes."""
+    from bus.node.app import LamabusService
+
+    settings = gateway_settings(tmp_path, nats_url, keep_alive=3.0)
+    async with entered_in_own_task(LamabusService(settings)) as svc, client_of(svc) as oa:
+        await oa.chat.completions.create(model=BUNDLED, messages=ASK, max_tokens=2, temperature=0.0)
+        (handle,) = svc.api.llm.handles
+        with anyio.fail_after(30):
+            while svc.api.llm.handles:
+                await anyio.sleep(0.1)  # the gateway looks every keep_alive / 4
+        again = await oa.chat.completions.create(model=BUNDLED, messages=ASK, max_tokens=2, temperature=0.0)
+        assert again.choices[0].message.content and list(svc.api.llm.handles) != [handle]
+
+
 async def test_no_model_is_503(tmp_path, nats_url):
     from bus.node.app import LamabusService
 

@@ -10,6 +10,7 @@ loopback only, whatever address was asked for, and says so.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import signal
@@ -62,6 +63,7 @@ class GatewayServer:
         self.upstream: Upstream | None = None
         self.gateway: Gateway | None = None
         self._runner: web.AppRunner | None = None
+        self._keep_alive: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "GatewayServer":
         try:
@@ -83,6 +85,9 @@ class GatewayServer:
         self.nc = await connect(self.nats_url, name="lamabus-openai", **login)
         self.upstream = Upstream(self.nc, s.prefix)
         self.gateway = Gateway(self.upstream, keys, max_concurrent=s.openai_max_concurrent)
+        if s.keep_alive > 0:
+            # A handle keeps its model loaded on its node: released after the service's keep_alive unused.
+            self._keep_alive = asyncio.create_task(self.upstream.keep_alive(s.keep_alive))
         # handler_cancellation: a client that hangs up cancels its handler, and so its generation.
         runner = web.AppRunner(self.gateway.app(), access_log=None, handler_cancellation=True)
         await runner.setup()
@@ -98,6 +103,10 @@ class GatewayServer:
         log.info("OpenAI-compatible API on %s/v1 (%s; lamabus at %s)", self.url, auth, self.nats_url)
 
     async def aclose(self) -> None:
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
+            await asyncio.gather(self._keep_alive, return_exceptions=True)
+            self._keep_alive = None
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

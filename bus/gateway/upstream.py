@@ -14,8 +14,10 @@ fresh handle, which lands on a live node.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 import uuid
 from typing import Any, AsyncIterator
 
@@ -81,6 +83,8 @@ class Upstream:
         self.client = LamabusClient(nc, prefix=prefix)
         self.subjects = self.client.subjects
         self._handles: dict[str, LlmHandle] = {}
+        self._active: collections.Counter[str] = collections.Counter()  # model id -> generations running
+        self._last_used: dict[str, float] = {}  # model id -> when its last generation ended (monotonic)
         self._locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -136,6 +140,26 @@ class Upstream:
                 log.info("model %s: handle on node %s", model_id, h.node or "-")
             return h
 
+    async def release_idle(self, idle: float) -> list[str]:
+        """Release the handles of models no generation used for ``idle`` seconds (their models may then be
+        unloaded, as the service's ``keep_alive`` does for its own); returns their model ids."""
+        now = time.monotonic()
+        gone = [m for m in self._handles if not self._active[m] and now - self._last_used.get(m, now) >= idle]
+        for model_id in gone:
+            h = self._handles.pop(model_id)  # popped first: a request from now on makes a new handle
+            try:
+                await self.client.call(LlmRelease(handle=h.handle), timeout=10)
+            except Exception as exc:  # its node may be gone, and the handle with it
+                log.debug("could not release %s: %s", h.handle, exc)
+            log.info("model %s: handle on node %s released after %g s idle", model_id, h.node or "-", idle)
+        return gone
+
+    async def keep_alive(self, idle: float) -> None:
+        """Release idle handles every ``idle / 4`` seconds (at most every 30) until cancelled."""
+        while True:
+            await asyncio.sleep(min(30.0, idle / 4))
+            await self.release_idle(idle)
+
     def forget(self, handle: LlmHandle) -> None:
         """Drop a handle whose node is gone (or that was released): the next request makes a new one."""
         if self._handles.get(handle.model_id or "") is handle:
@@ -147,6 +171,16 @@ class Upstream:
         """Tokens in order, then the :class:`LlmResult`; a failure raises :class:`LamaError`.
 
         Leaving the iteration early (the HTTP client went away) cancels the generation on its node."""
+        self._active[gen.model_id] += 1  # before the handle is taken: release_idle leaves it alone
+        try:
+            async with contextlib.aclosing(self._attempts(gen)) as items:
+                async for item in items:
+                    yield item
+        finally:
+            self._active[gen.model_id] -= 1
+            self._last_used[gen.model_id] = time.monotonic()
+
+    async def _attempts(self, gen: Generation) -> AsyncIterator[LlmToken | LlmResult]:
         for attempt in (0, 1):
             handle = await self.handle(gen.model_id)
             yielded = False
