@@ -10,7 +10,8 @@ strings, ``max_tokens`` N):
 * ``bus``: ``llm.generate_stream`` on a handle, tokens read from the inbox (bus/client.py's way);
 * ``gateway``: aiohttp streaming ``POST /v1/chat/completions``, one SSE event per chunk.
 
-tok/s = (tokens − 1) ÷ (last − first content chunk), as the client saw them. With llama.cpp's
+tok/s = (tokens − 1) ÷ (last − first content chunk), as the client saw them. Then ``--concurrency``
+clients (8) at once on each side, interleaved the same way: all their tokens ÷ (last − first token of any). With llama.cpp's
 ``llama-server`` cached (``python -m bench.llama_server_build``), its own ``/v1/chat/completions``
 runs as a third side, shaped like the engine. Writes ``bench/openai.json`` and the keys
 ``openai_over_bus_tps`` and ``openai_over_llama_server_tps`` of ``bench/results.json``
@@ -72,7 +73,8 @@ async def bus_side(client: LamabusClient, handle: str, n: int) -> dict[str, Any]
                 first = first if first is not None else t
                 last = t
         await request
-        return {"tokens": item.tokens, "ttft_s": (first or t) - t0, "tps": _tps(item.tokens, first, last)}
+        return {"tokens": item.tokens, "ttft_s": (first or t) - t0, "tps": _tps(item.tokens, first, last),
+                "t_first": first, "t_last": last}
     finally:
         await sub.unsubscribe()
 
@@ -102,7 +104,16 @@ async def openai_side(http: aiohttp.ClientSession, url: str, n: int, model: str 
                 if (choice.get("delta") or {}).get("content"):
                     first = first if first is not None else t
                     last = t
-    return {"tokens": tokens, "ttft_s": (first or last) - t0, "tps": _tps(tokens, first, last)}
+    return {"tokens": tokens, "ttft_s": (first or last) - t0, "tps": _tps(tokens, first, last), "t_first": first,
+            "t_last": last}
+
+
+async def together(k: int, one) -> float | None:
+    """``k`` streams at once: their tokens ÷ (last token of any − first token of any)."""
+    runs = await asyncio.gather(*(one() for _ in range(k)))
+    firsts = [r["t_first"] for r in runs if r["t_first"] is not None]
+    span = max(r["t_last"] for r in runs) - min(firsts) if firsts else 0.0
+    return sum(r["tokens"] for r in runs) / span if span > 0 else None
 
 
 def _median(runs: list[dict[str, Any]], key: str = "tps") -> float | None:
@@ -128,7 +139,7 @@ async def llama_server_peer(tmp: Path):
     return server
 
 
-async def run(reps: int, n: int) -> dict[str, Any]:
+async def run(reps: int, n: int, concurrency: int = 8) -> dict[str, Any]:
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-openai-") as d:
         tmp = Path(d)
@@ -159,6 +170,16 @@ async def run(reps: int, n: int) -> dict[str, Any]:
                         print(f"rep {rep + 1}/{reps}: " + ", ".join(
                             f"{k} {v[-1]['tps']:.1f} tok/s" for k, v in sides.items() if v and v[-1]["tps"]),
                             file=sys.stderr)
+                    # ``concurrency`` clients at once on each side, interleaved the same way.
+                    crowd: dict[str, list[float | None]] = {"bus": [], "gateway": [], "llama_server": []}
+                    for rep in range(reps if concurrency > 1 else 0):
+                        crowd["bus"].append(await together(concurrency, lambda: bus_side(client, h.handle, n)))
+                        crowd["gateway"].append(await together(concurrency, lambda: openai_side(http, url, n)))
+                        if peer is not None:
+                            crowd["llama_server"].append(await together(
+                                concurrency, lambda: openai_side(peer.http, peer.url, n, model=None)))
+                        print(f"{concurrency} streams, rep {rep + 1}/{reps}: " + ", ".join(
+                            f"{k} {v[-1]:.1f} tok/s" for k, v in crowd.items() if v and v[-1]), file=sys.stderr)
                     await client.call(LlmRelease(handle=h.handle))
             finally:
                 if peer is not None:
@@ -166,7 +187,7 @@ async def run(reps: int, n: int) -> dict[str, Any]:
                 await serve.stop()
     paired = [g["tps"] / b["tps"] for b, g in zip(sides["bus"], sides["gateway"]) if b["tps"] and g["tps"]]
     out: dict[str, Any] = {
-        "command": f"python -m bench.bench_openai --reps {reps} --tokens {n}",
+        "command": f"python -m bench.bench_openai --reps {reps} --tokens {n} --concurrency {concurrency}",
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
@@ -176,11 +197,16 @@ async def run(reps: int, n: int) -> dict[str, Any]:
                            for k, v in sides.items()},
         "paired_openai_over_bus": statistics.median(paired) if paired else None,
         "runs": sides,
+        "concurrent": {"streams": concurrency, "aggregate_tps": crowd,
+                       "median_aggregate_tps": {k: statistics.median(v) if (v := [x for x in xs if x]) else None
+                                                for k, xs in crowd.items()}},
     }
     med = out["median_tps"]
     out["openai_over_bus_tps"] = med["gateway"] / med["bus"] if med["gateway"] and med["bus"] else None
     out["openai_over_llama_server_tps"] = (med["gateway"] / med["llama_server"]
                                            if med["gateway"] and med["llama_server"] else None)
+    agg = out["concurrent"]["median_aggregate_tps"]
+    out["openai_over_bus_tps_concurrent"] = agg["gateway"] / agg["bus"] if agg["gateway"] and agg["bus"] else None
     if peer is None:
         out["llama_server"] = "not measured: no cached llama-server (python -m bench.llama_server_build builds it)"
     return out
@@ -190,16 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=8, help="clients at once in the second part (1: none)")
     args = ap.parse_args(argv)
-    out = asyncio.run(run(args.reps, args.tokens))
+    out = asyncio.run(run(args.reps, args.tokens, args.concurrency))
     (ROOT / "openai.json").write_text(json.dumps(out, indent=2) + "\n")
     results_path = ROOT / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for key in ("openai_over_bus_tps", "openai_over_llama_server_tps"):
+    for key in ("openai_over_bus_tps", "openai_over_llama_server_tps", "openai_over_bus_tps_concurrent"):
         results[key] = out[key]
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: out[k] for k in ("median_tps", "median_ttft_ms", "openai_over_bus_tps",
-                                          "paired_openai_over_bus", "openai_over_llama_server_tps")}, indent=2))
+                                          "paired_openai_over_bus", "openai_over_llama_server_tps",
+                                          "openai_over_bus_tps_concurrent")}, indent=2))
     return 0
 
 
