@@ -270,6 +270,24 @@ async def test_a_handle_unused_for_keep_alive_is_released(tmp_path, nats_url):
         assert again.choices[0].message.content and list(svc.api.llm.handles) != [handle]
 
 
+async def test_each_key_has_its_own_quota_on_the_service(tmp_path, nats_url):
+    """The gateway names the key as the quota author: one key's running generation does not count
+    against another key, and a second one on the same key is refused by the service (429)."""
+    from bus.node.app import LamabusService
+
+    settings = gateway_settings(tmp_path, nats_url, quota_running_per_author=1)
+    async with entered_in_own_task(LamabusService(settings)) as svc, client_of(svc) as oa:
+        stream = await oa.chat.completions.create(model=BUNDLED, messages=ASK, max_tokens=400, stream=True,
+                                                  stop=[], temperature=0.0)
+        assert (await anext(aiter(stream))).choices[0].delta.role == "assistant"
+        limited = await _raises(openai.RateLimitError, oa.chat.completions.create(model=BUNDLED, messages=ASK))
+        assert limited.body["code"] == "too_many_running" and int(limited.response.headers["Retry-After"]) >= 1
+        async with client_of(svc, ADMIN_KEY) as other:
+            reply = await other.chat.completions.create(model=BUNDLED, messages=ASK, max_tokens=3, **GREEDY)
+            assert reply.choices[0].message.content is not None
+        await stream.close()
+
+
 async def test_no_model_is_503(tmp_path, nats_url):
     from bus.node.app import LamabusService
 

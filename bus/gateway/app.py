@@ -97,8 +97,17 @@ class Gateway:
         app.router.add_post("/v1/completions", self.completions)
         return app
 
-    def _auth(self, request: web.Request, operation: str) -> None:
-        self.keys.check(request.headers.get("Authorization"), operation)
+    def _auth(self, request: web.Request, operation: str) -> str | None:
+        """Refuse what the request's key may not do; else its quota author (None without keys)."""
+        return self.keys.check(request.headers.get("Authorization"), operation)
+
+    @staticmethod
+    def _author(key_author: str | None, user: str | None) -> str:
+        """Whom the service's per-author quotas count this request against: the key when keys are
+        configured; without keys (loopback only) the body's ``user``, else one shared ``openai``."""
+        if key_author is not None:
+            return key_author
+        return f"openai-user-{user[:200]}" if user else "openai"
 
     async def health(self, _: web.Request) -> web.Response:
         return _json({"status": "ok"})
@@ -131,18 +140,20 @@ class Gateway:
     # ------------------------------------------------------------------ completions
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        self._auth(request, "chat")
+        key_author = self._auth(request, "chat")
         req = decode_chat(await request.read())
         turns, params = req.turns(), req.params()
-        return await self._run(request, req, params, chat=True, messages=turns)
+        return await self._run(request, req, params, chat=True, messages=turns,
+                               author=self._author(key_author, req.user))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        self._auth(request, "completions")
+        key_author = self._auth(request, "completions")
         req = decode_completion(await request.read())
-        return await self._run(request, req, req.params(), chat=False, prompt=req.text)
+        return await self._run(request, req, req.params(), chat=False, prompt=req.text,
+                               author=self._author(key_author, req.user))
 
     async def _run(self, request: web.Request, req: ChatCompletionRequest | CompletionRequest, params: Any, *,
-                   chat: bool, messages: Any = None, prompt: str | None = None) -> web.StreamResponse:
+                   chat: bool, author: str, messages: Any = None, prompt: str | None = None) -> web.StreamResponse:
         model = req.model or await self.upstream.active_model()
         if model is None:
             raise OpenAIError(503, "no model is loaded or active: name one in \"model\" (GET /v1/models), or "
@@ -154,7 +165,7 @@ class Gateway:
         self.running += 1
         try:
             gen = Generation(request_id=new_request_id("chatcmpl" if chat else "cmpl"), model_id=model, params=params,
-                             messages=messages, prompt=prompt)
+                             messages=messages, prompt=prompt, author_id=author)
             async with contextlib.aclosing(self.upstream.stream(gen)) as items:
                 if req.stream:
                     return await self._stream(request, gen, items, chat=chat, include_usage=req.include_usage)

@@ -116,11 +116,19 @@ class Keys:
                 return role
         raise OpenAIError(401, "incorrect API key provided", code="invalid_api_key", type="invalid_request_error")
 
-    def check(self, authorization: str | None, operation: str) -> None:
+    def check(self, authorization: str | None, operation: str) -> str | None:
+        """Refuse what the key may not do; else the key's quota author (None: no keys configured).
+
+        The author is the key, not the body's ``user``: a key's holder chooses ``user`` freely, so limits
+        keyed by it could be dodged. It names the key by a prefix of its digest, never the key."""
         role = self.role_of(authorization)
-        if role is not None and not may(role, operation):
+        if role is None:
+            return None
+        if not may(role, operation):
             raise OpenAIError(403, f"a {role} key may not {operation.replace('.', ' ')}", code="forbidden",
                               type="permission_error")
+        _, _, key = (authorization or "").strip().partition(" ")
+        return f"openai-key-{_digest(key.strip()).hex()[:16]}"
 
 
 def _digest(key: str) -> bytes:

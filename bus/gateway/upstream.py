@@ -73,6 +73,7 @@ class Generation(msgspec.Struct):
     params: GenerationParams
     messages: list[ChatTurnIn] | None = None
     prompt: str | None = None
+    author_id: str | None = None  # whom the service's per-author quotas count it against
 
 
 class Upstream:
@@ -210,7 +211,7 @@ class Upstream:
         # Subscribed before the request goes out on the same connection: the server sees the SUB first.
         sub = await self.nc.subscribe(inbox, cb=on_chunk)
         request = LlmGenerateStream(handle=h.handle, messages=gen.messages, prompt=gen.prompt, params=gen.params,
-                                    request_id=gen.request_id, subject=inbox)
+                                    request_id=gen.request_id, subject=inbox, author_id=gen.author_id)
         tasks = [asyncio.create_task(self._request(f"{api}.llm.generate_stream", request, queue))]
         if node is not None:
             tasks.append(asyncio.create_task(self._watch(node, queue)))
