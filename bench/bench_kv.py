@@ -241,7 +241,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="lamabus-bench-kv-", dir=args.workdir))
     log = print
     out: dict[str, Any] = {
-        "command": "python -m bench.bench_kv" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m bench.bench_kv", *(["--quick"] if args.quick else []), *(
+            f"--{k.replace('_', '-')} {getattr(args, k)}" for k, v in (QUICK if args.quick else FULL).items()
+            if getattr(args, k) != v)]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": args.quick, "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "parameters": {k: getattr(args, k) for k in ("topics", "few_topics", "turns", "max_tokens", "reps", "ram_mib")},

@@ -317,8 +317,8 @@ def _side_measures_section() -> str | None:
         ):
             v = k.get(key)
             ok = isinstance(v, (int, float)) and (v >= bound if op == ">=" else v <= bound)
-            quick = (f" (quick run: {(k.get('parameters') or {}).get('turns')} messages a topic)"
-                     if k.get("quick") and key == "topics50_over_topics8" else "")
+            quick = (f" ({'quick run: ' if k.get('quick') else ''}{(k.get('parameters') or {}).get('turns')} messages "
+                     "a topic)" if key == "topics50_over_topics8" else "")
             rows.append(f"| {label}{quick} | {_n(v, '.3f')} | {op.replace('>=', '≥').replace('<=', '≤')} "
                         f"{bound} | {'yes' if ok else '**no**'} |")
     if (st := _side_json("store.json")) is not None and "registry_jetstream_append_p50_ms" in st:
