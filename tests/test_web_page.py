@@ -39,6 +39,7 @@ WAIT = 90.0  # the bundled model on two busy cores; a condition that holds retur
 
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service as ChromeService
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -242,7 +243,10 @@ def driver(lamabus: ServiceThread, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def wait(driver: Any, condition: Any, message: str, timeout: float = WAIT) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message)
+    # The page re-renders its lists as events arrive: an element found a moment ago may be replaced before it
+    # is read (stale). That is not an answer: look again, until the condition holds or the time is up.
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
 
 
 MESSAGES_JS = """
