@@ -6,29 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shlex
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_process import LAMABUS, cli_env
 from tests.test_api import BUNDLED
 
 pytestmark = pytest.mark.model
 
-LAMABUS = str(Path(sys.executable).parent / "lamabus")
 README = Path(__file__).resolve().parent.parent / "README.md"
 KEY = "sk-readme-4d1c9e77b2"
 README_URL = "http://127.0.0.1:8000"
-
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAMABUS_", "OPENAI_"))}
-    env["HOME"] = str(tmp_path / "home")
-    return {**env, **extra}
 
 
 def readme_examples() -> list[str]:
@@ -73,7 +65,7 @@ async def _sh(command: str, env: dict[str, str]) -> str:
 
 async def test_the_readme_s_curl_examples_against_serve(tmp_path):
     data = tmp_path / "data"
-    env = _env(tmp_path, LAMABUS_OPENAI_KEYS=f"chat:{KEY}")
+    env = cli_env(tmp_path, LAMABUS_OPENAI_KEYS=f"chat:{KEY}")
     serve = await asyncio.create_subprocess_exec(
         LAMABUS, "serve", "--data-dir", str(data), "--web", "off", "--openai", "127.0.0.1:0", env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -82,7 +74,7 @@ async def test_the_readme_s_curl_examples_against_serve(tmp_path):
         await _until(serve, "lamabus ready", log)
         url = (data / "openai.url").read_text().strip()
         assert url.startswith("http://127.0.0.1:") and any("OpenAI-compatible API on" in line for line in log)
-        shell = _env(tmp_path, OPENAI_API_KEY=KEY)
+        shell = cli_env(tmp_path, OPENAI_API_KEY=KEY)
         models, chat, completion = [await _sh(c.replace(README_URL, url), shell) for c in readme_examples()]
 
         assert BUNDLED in [m["id"] for m in json.loads(models)["data"]]
@@ -109,7 +101,7 @@ async def test_the_standalone_gateway_without_keys_listens_on_loopback_only(serv
     data = tmp_path / "gateway"
     gateway = await asyncio.create_subprocess_exec(
         LAMABUS, "gateway", "--nats-url", service.url, "--data-dir", str(data), "--openai", "0.0.0.0:0",
-        env=_env(tmp_path), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        env=cli_env(tmp_path), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE)
     log: list[str] = []
     try:
@@ -119,7 +111,7 @@ async def test_the_standalone_gateway_without_keys_listens_on_loopback_only(serv
         assert url.startswith("http://127.0.0.1:")
         body = json.dumps({"model": BUNDLED, "prompt": "The sky is", "max_tokens": 4, "temperature": 0})
         reply = json.loads(await _sh(f"curl -s {url}/v1/completions -H 'Content-Type: application/json' "
-                                     f"-d {shlex.quote(body)}", _env(tmp_path)))
+                                     f"-d {shlex.quote(body)}", cli_env(tmp_path)))
         assert reply["choices"][0]["text"] and reply["model"] == BUNDLED
     finally:
         status = await _stop(gateway, log)

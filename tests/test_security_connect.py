@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import stat
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ from bus.auth.embedded import load, load_or_create
 from bus.broker.connection import connect
 from bus.broker.embedded import EmbeddedNatsServer
 from bus.config import Settings
+from tests.cli_process import cli_env, run_cli
 from bench.security_rig import make_operator, make_pki, new_nkey, tls_config
 from wire.errors import ErrorCode, LamaError
 
-LAMABUS = str(Path(sys.executable).parent / "lamabus")
 PASSWORD = "correct-horse-battery-staple-0123"
 TOKEN = "s3cret-token-for-the-broker-456789"
 
@@ -139,19 +138,6 @@ async def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
         assert "TLS" in error.message or "refused" in error.message
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMABUS_")}
-    env["HOME"] = str(tmp_path / "home")
-    return env
-
-
-async def _run(*args: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(LAMABUS, *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_cli_and_serve_stop_with_one_line_on_a_refused_login(tmp_path: Path) -> None:
@@ -161,20 +147,20 @@ async def test_cli_and_serve_stop_with_one_line_on_a_refused_login(tmp_path: Pat
         url = f"tls://127.0.0.1:{server.port}"
         wrong = tmp_path / "wrong-password"
         wrong.write_text("not-" + PASSWORD)
-        env = _env(tmp_path)
+        env = cli_env(tmp_path)
         login = ["--nats-url", url, "--nats-user", "alice", "--nats-password-file", str(wrong),
                  "--nats-tls-ca", str(pki.ca), "--data-dir", str(tmp_path / "data")]
         for command in (["models", "list"], ["chat", "demo", "--once", "hi"], ["replay", "demo"],
                         ["serve", "--web", "off", "--metrics", "off"]):
-            code, out, err = await _run(*command, *login, env=env)
+            code, out, err = await run_cli(*command, *login, env=env, timeout=60)
             lines = err.strip().splitlines()
             assert code == 1, (command, code, err)
             assert lines[-1].startswith("error [unauthorized]: cannot log in to NATS at tls://127.0.0.1:"), lines
             assert "Traceback" not in err and PASSWORD not in err + out, err
             assert len([line for line in lines if line.startswith("error")]) == 1
         # An untrusted certificate: the same one line, naming the setting.
-        code, _, err = await _run("models", "list", "--nats-url", url, "--nats-tls-ca", str(pki.other_ca),
-                                  env=env)
+        code, _, err = await run_cli("models", "list", "--nats-url", url, "--nats-tls-ca", str(pki.other_ca),
+                                  env=env, timeout=60)
         assert code == 1 and "not trusted" in err and "nats_tls_ca" in err and "Traceback" not in err
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,33 +16,20 @@ import pytest
 from bus.auth.credentials import Credentials
 from bus.client import LamabusClient
 from bus.config import Settings
+from tests.cli_process import LAMABUS, cli_env, run_cli
 from bus.node.app import LamabusService
 from tests.conftest import entered_in_own_task
 from wire.api import TopicList
 
 pytestmark = pytest.mark.model
 
-LAMABUS = str(Path(sys.executable).parent / "lamabus")
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMABUS_")}
-    env["HOME"] = str(tmp_path / "home")
-    return env
-
-
-async def _run(*args: str, env: dict[str, str], timeout: float = 120) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(LAMABUS, *args, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_serve_secure_by_default_and_no_secret_in_any_output(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    env = _env(tmp_path)
+    env = cli_env(tmp_path)
     serve = await asyncio.create_subprocess_exec(
         LAMABUS, "serve", "--data-dir", str(data), "--web", "127.0.0.1:0", "--log-level", "debug", env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -69,11 +54,11 @@ async def test_serve_secure_by_default_and_no_secret_in_any_output(tmp_path: Pat
             "lamabus-service": ["STANDARD"], "lamabus-admin": ["STANDARD"], "chat": ["STANDARD", "WEBSOCKET"]}
 
         # The admin CLI with no set-up: it finds the admin password in the data directory.
-        code, out, err = await _run("chat", "demo", "--once", "Hello", "--max-tokens", "8", "--data-dir", str(data),
-                                    env=env)
+        code, out, err = await run_cli("chat", "demo", "--once", "Hello", "--max-tokens", "8", "--data-dir", str(data),
+                                    env=env, timeout=120)
         assert code == 0 and out.strip(), err
         outputs += [out, err]
-        code, out, err = await _run("diagnostics", "--json", "--data-dir", str(data), env=env)
+        code, out, err = await run_cli("diagnostics", "--json", "--data-dir", str(data), env=env, timeout=120)
         assert code == 0, err
         outputs += [out, err]
         assert json.loads(out)["service"]["embedded"] is True
@@ -84,8 +69,8 @@ async def test_serve_secure_by_default_and_no_secret_in_any_output(tmp_path: Pat
         url = (data / "nats.url").read_text().strip()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        code, out, err = await _run("models", "rm", "smollm2-135m-instruct", "--nats-url", url, "--nats-user", "chat",
-                                    "--nats-password-file", str(chat_password), env=env)
+        code, out, err = await run_cli("models", "rm", "smollm2-135m-instruct", "--nats-url", url, "--nats-user", "chat",
+                                    "--nats-password-file", str(chat_password), env=env, timeout=120)
         outputs += [out, err]
         assert code == 1 and err.strip() == "error [forbidden]: forbidden: this login may not publish to " \
                                             "lama.api.models.remove", err
@@ -93,8 +78,8 @@ async def test_serve_secure_by_default_and_no_secret_in_any_output(tmp_path: Pat
         # A wrong password for the admin: unauthorized, one line.
         wrong = tmp_path / "wrong"
         wrong.write_text("wrong-password")
-        code, out, err = await _run("topics", "list", "--nats-url", url, "--nats-user", "lamabus-admin",
-                                    "--nats-password-file", str(wrong), env=env)
+        code, out, err = await run_cli("topics", "list", "--nats-url", url, "--nats-user", "lamabus-admin",
+                                    "--nats-password-file", str(wrong), env=env, timeout=120)
         outputs += [out, err]
         assert code == 1 and err.startswith("error [unauthorized]") and len(err.strip().splitlines()) == 1, err
     finally:
