@@ -10,6 +10,7 @@ another language's client is written from these files;
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -139,10 +140,15 @@ def asyncapi() -> dict[str, Any]:
 
 
 def _machine_neutral(schemas: dict[str, Any]) -> None:
-    """The default thread count is this machine's (min(4, physical cores)): not part of the contract."""
+    """The files must not depend on the machine or the Python that wrote them: the default thread count is
+    this machine's (min(4, physical cores)), and Python 3.13 strips a docstring's indentation where 3.11 and
+    3.12 keep it, so every description is cleaned the way 3.13 does it."""
     threads = schemas.get("Defaults", {}).get("properties", {}).get("n_threads")
     if threads is not None:
         threads.pop("default", None)
+    for schema in schemas.values():
+        if isinstance(description := schema.get("description"), str):
+            schema["description"] = inspect.cleandoc(description)
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
