@@ -44,33 +44,36 @@ def _key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def _cert(subject: str, key: Any, issuer: x509.Certificate | None, issuer_key: Any, *, ca: bool = False,
-          server: bool = False) -> x509.Certificate:
+          server: bool = False, rfc5280: bool = True) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    # Python 3.13's ssl verifies with VERIFY_X509_STRICT (RFC 5280): a CA needs a key usage and a subject key
-    # identifier, every issued certificate an authority key identifier; without them 3.13 refuses the chain.
-    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    if issuer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
-    builder = builder.add_extension(x509.KeyUsage(
-        digital_signature=not ca, content_commitment=False, key_encipherment=False, data_encipherment=False,
-        key_agreement=not ca, key_cert_sign=ca, crl_sign=ca, encipher_only=False, decipher_only=False),
-        critical=True)
-    if not ca:
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if rfc5280:
+        # Python 3.13's ssl verifies with VERIFY_X509_STRICT (RFC 5280): a CA needs a key usage and a subject
+        # key identifier, every issued certificate an authority key identifier; without them 3.13 refuses.
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        if issuer is not None:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=not ca, content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=not ca, key_cert_sign=ca, crl_sign=ca, encipher_only=False, decipher_only=False),
+            critical=True)
+        if not ca:
+            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if server:
         builder = builder.add_extension(x509.SubjectAlternativeName(
             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def make_pki(directory: Path) -> Pki:
+def make_pki(directory: Path, *, rfc5280: bool = True) -> Pki:
+    """A CA, a server and a client certificate it signed, and another CA. ``rfc5280=False``: certificates
+    without key identifiers and key usages, as older tooling made them (3.11 and 3.12 accept them, 3.13 not)."""
     directory.mkdir(parents=True, exist_ok=True)
 
     def write(name: str, cert: x509.Certificate) -> Path:
@@ -79,14 +82,15 @@ def make_pki(directory: Path) -> Pki:
         return path
 
     ca_key = _key(directory / "ca.key")
-    ca = _cert("lamabus test CA", ca_key, None, ca_key, ca=True)
+    ca = _cert("lamabus test CA", ca_key, None, ca_key, ca=True, rfc5280=rfc5280)
     server_key = _key(directory / "server.key")
     client_key = _key(directory / "client.key")
     other_key = _key(directory / "other-ca.key")
     return Pki(ca=write("ca.pem", ca),
-               server_cert=write("server.pem", _cert("127.0.0.1", server_key, ca, ca_key, server=True)),
+               server_cert=write("server.pem", _cert("127.0.0.1", server_key, ca, ca_key, server=True,
+                                                              rfc5280=rfc5280)),
                server_key=directory / "server.key",
-               client_cert=write("client.pem", _cert("lamabus client", client_key, ca, ca_key)),
+               client_cert=write("client.pem", _cert("lamabus client", client_key, ca, ca_key, rfc5280=rfc5280)),
                client_key=directory / "client.key",
                other_ca=write("other-ca.pem", _cert("someone else's CA", other_key, None, other_key, ca=True)))
 

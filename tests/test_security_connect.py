@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,21 @@ async def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
         assert "TLS" in error.message or "refused" in error.message
 
 
+async def test_certificates_without_key_identifiers_on_each_python(tmp_path: Path) -> None:
+    """Certificates as older tooling made them: 3.11 and 3.12 accept the chain; 3.13 verifies strictly and
+    refuses it, and the message says that (not "set nats_tls_ca", which is already right)."""
+    pki = make_pki(tmp_path / "pki", rfc5280=False)
+    async with EmbeddedNatsServer(tmp_path / "js", config=tls_config(pki, verify=False)) as server:
+        url = f"tls://127.0.0.1:{server.port}"
+        if sys.version_info < (3, 13):
+            nc = await connect(url, credentials=Credentials(tls_ca=str(pki.ca)))
+            await _round_trip(nc)
+            await nc.close()
+        else:
+            error = await _refused(url, Credentials(tls_ca=str(pki.ca)))
+            assert error.code == ErrorCode.UNAUTHORIZED
+            assert "strict RFC 5280" in error.message and "key identifier" in error.message.lower()
+            assert "set nats_tls_ca" not in error.message
 
 
 async def test_cli_and_serve_stop_with_one_line_on_a_refused_login(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ _VIOLATION = re.compile(r"Permissions Violation for (Publish|Subscription) to \"
 #: What nats-server says when it refuses or ends a login (-ERR ...).
 _AUTH_REFUSED = ("authorization violation", "authentication expired", "authentication revoked",
                  "authentication timeout", "user authentication", "account authentication expired")
+#: OpenSSL's words for a chain that only VERIFY_X509_STRICT (RFC 5280 profile checks) refuses.
+_NOT_RFC5280 = ("key identifier", "not marked critical", "does not include key usage")
 _USERINFO = re.compile(r"(?<=://)[^@/,]*@")
 
 
@@ -103,7 +105,13 @@ async def guarded(nc: Client, subjects: tuple[str, ...], work: Any) -> Any:
 def refusal(exc: BaseException) -> str | None:
     """Why a login failed, when ``exc`` says the broker refused it (or its certificate was not trusted)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return (f"the broker's TLS certificate is not trusted ({exc.verify_message or exc.reason}); "
+        why = exc.verify_message or exc.reason
+        if any(marker in str(why).lower() for marker in _NOT_RFC5280):
+            # Python 3.13 verifies with VERIFY_X509_STRICT: a chain 3.11 accepted can fail here with the right CA.
+            return (f"the broker's TLS certificate chain is not valid under strict RFC 5280 checks ({why}), "
+                    "which Python 3.13 applies; reissue the certificates with subject and authority key "
+                    "identifiers and a critical key usage on the CA")
+        return (f"the broker's TLS certificate is not trusted ({why}); "
                 "set nats_tls_ca (--nats-tls-ca) to the CA that signed it")
     if isinstance(exc, ssl.SSLError):
         return (f"the TLS handshake failed ({exc.reason or exc}); if the broker wants a client certificate, "
