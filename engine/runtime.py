@@ -307,7 +307,7 @@ class Engine:
             finished = False
             try:
                 while True:
-                    item = await st.queue.get()
+                    item = await st.next()
                     if isinstance(item, WorkerDied):
                         finished = True
                         # The worker died before it took this request on (e.g. it was killed while idle

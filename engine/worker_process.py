@@ -68,15 +68,40 @@ class WorkerDied:
         self.acked = acked
 
 
+#: The most text one merged chunk carries (characters): a reader far behind still gets a stream, not one blob.
+MERGED_CHUNK_MAX = 4096
+
+GenItem = TokenChunk | GenerationResult | LamaError | WorkerDied | None
+
+
 class GenState:
-    __slots__ = ("gid", "request_id", "queue", "started")
+    __slots__ = ("gid", "request_id", "queue", "started", "_held")
 
     def __init__(self, gid: int, request_id: str) -> None:
         self.gid = gid
         self.request_id = request_id
         # None: a Check passed
-        self.queue: asyncio.Queue[TokenChunk | GenerationResult | LamaError | WorkerDied | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[GenItem] = asyncio.Queue()
         self.started: Started | None = None
+        self._held: list[GenItem] = []  # taken off the queue while merging, not yet handed out
+
+    async def next(self) -> GenItem:
+        """The next item. A chunk comes together with the chunks of its channel already queued behind it:
+        when the reader fell behind the engine (a fast GPU, a busy service), it publishes fewer, larger
+        token messages and catches up, instead of paying its per-message cost for every token. Nothing
+        waits for a merge and no text is lost or reordered; a reader that keeps up gets every chunk alone."""
+        item = self._held.pop() if self._held else await self.queue.get()
+        if not isinstance(item, TokenChunk) or self.queue.empty():
+            return item
+        parts, size = [item.text], len(item.text)
+        while not self.queue.empty() and size < MERGED_CHUNK_MAX:
+            following = self.queue.get_nowait()
+            if not isinstance(following, TokenChunk) or following.channel != item.channel:
+                self._held.append(following)
+                break
+            parts.append(following.text)
+            size += len(following.text)
+        return TokenChunk("".join(parts), item.channel) if len(parts) > 1 else item
 
 
 class WorkerProcess:

@@ -416,3 +416,23 @@ async def test_flash_attention_off_loads_and_answers(model_path: Path):
         config = e.diagnostics()["models"][0]["config"]
     assert "Paris" in r.text
     assert config["flashAttention"] == "off"
+
+
+async def test_a_reader_that_falls_behind_gets_the_waiting_tokens_as_one_chunk(engine, handle):
+    """The reader takes the first chunk, then nothing until the worker has finished: the rest comes as one
+    chunk (not one per token), with every character, and then the result."""
+    req = chat("behind", ("user", "Tell me a long story about a dragon."), max_tokens=40, ignore_eos=True, stop=[])
+    stream = engine.generate_stream(handle, req)
+    first = await anext(stream)
+    assert isinstance(first, TokenChunk)
+    [(worker, st)] = engine._running["behind"]
+    for _ in range(6000):  # until the worker's Done has been queued behind the chunks (at most 60 s)
+        if st.gid not in worker.gens:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the generation did not finish")
+    rest = [item async for item in stream]
+    assert len(rest) == 2 and isinstance(rest[0], TokenChunk) and isinstance(rest[1], GenerationResult)
+    result = rest[1]
+    assert result.tokens == 40 and first.text + rest[0].text == result.text
