@@ -73,11 +73,11 @@ def test_cpu_mode_serves_chats_diagnoses_and_benches(model_path: Path, tmp_path:
 
 
 def test_the_benchmark_page_says_what_was_measured_on_a_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    from bench import report
+    from bench import report_apart
 
-    # report reads bench/gpu.json beside its module: point it at a scratch place
-    monkeypatch.setattr(report, "__file__", str(tmp_path / "report.py"))
-    assert "Not measured with it" in report.gpu_section() and "0.987" in report.gpu_section()
+    # report_apart reads bench/gpu.json beside its module: point it at a scratch place
+    monkeypatch.setattr(report_apart, "__file__", str(tmp_path / "report_apart.py"))
+    assert "Not measured with it" in report_apart.gpu_section() and "0.987" in report_apart.gpu_section()
     (tmp_path / "gpu.json").write_text(json.dumps({
         "command": "python -m bench --streams-only --gpu-layers 999", "date": "2026-12-04 18:00 UTC",
         "parameters": {"gpu_layers": 999}, "gpu": {"nGpuLayersUsed": 9, "layers": 9, "device": "NVIDIA H200"},
@@ -85,11 +85,11 @@ def test_the_benchmark_page_says_what_was_measured_on_a_gpu(monkeypatch: pytest.
         "bus_over_llama_server_tps": 0.98698, "concurrency": [{"topics": 1, "aggregate_tps": 1600.0},
                                                               {"topics": 8, "aggregate_tps": 3492.0}],
         "llama_server_8_streams_tps": 3534.0, "batched8_over_llama_server": 0.98812}))
-    section = report.gpu_section()
+    section = report_apart.gpu_section()
     assert "9 of 9 layers on NVIDIA H200" in section and "Not measured" not in section
     rows = [line for line in section.splitlines() if line.startswith("| one stream") or line.startswith("| 8 topics")]
     assert rows == ["| one stream, tok/s | 1668.0 | 1690.0 | 0.987 |", "| 8 topics, aggregate tok/s | 3492.0 | 3534.0 | 0.988 |"]
     # the committed page carries the section as rendered from what is committed
     page = (ROOT / "docs" / "benchmarks.md").read_text()
-    monkeypatch.setattr(report, "__file__", str(ROOT / "bench" / "report.py"))
-    assert report.gpu_section() in page
+    monkeypatch.setattr(report_apart, "__file__", str(ROOT / "bench" / "report_apart.py"))
+    assert report_apart.gpu_section() in page
