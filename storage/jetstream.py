@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import re
 import time
 import uuid
@@ -68,6 +70,11 @@ from storage.store import (
     check_duplicates,
 )
 from wire.errors import ErrorCode, LamaError, stream_conflict
+
+log = logging.getLogger(__name__)
+
+#: How long a close waits for the feed task to end after cancelling it (seconds).
+FEED_STOP_TIMEOUT = 5.0
 
 REGISTRY_STREAM = "LAMA_REGISTRY"
 MAX_BATCH = 1000  # the server's limit on messages per atomic batch (ADR-50)
@@ -174,9 +181,19 @@ class JetStreamEventStore(EventStore):
     async def _close(self) -> None:
         task, self._feed_task = self._feed_task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Cancelled again while it runs on (a cancel can be swallowed, see _pump), and waited for within a
+            # bound: a close ends even if the feed does not, and says where the feed was.
+            deadline = time.monotonic() + FEED_STOP_TIMEOUT
+            while not task.done() and (left := deadline - time.monotonic()) > 0:
+                task.cancel()
+                await asyncio.wait({task}, timeout=min(0.25, left))
+            if not task.done():
+                where = io.StringIO()
+                task.print_stack(file=where)
+                log.warning("the %s feed did not stop within %.0f s of its cancel; left behind. %s",
+                            self.stream, FEED_STOP_TIMEOUT, where.getvalue())
+            elif not task.cancelled() and task.exception() is not None:
+                log.debug("the %s feed ended with %r", self.stream, task.exception())
         nc, self._nc = self._nc, None
         if nc is not None and self._url is not None and not nc.is_closed:
             await nc.close()
@@ -322,7 +339,10 @@ class JetStreamEventStore(EventStore):
     async def _pump(self, queue: asyncio.Queue[Msg]) -> None:
         """Apply deliveries in order; return (to restart the consumer) on a gap or a stall."""
         stall = self.heartbeat * 3
-        while True:
+        # Looked at on every delivery (heartbeats included), not only after a real event: nats-py and 3.11's
+        # wait_for can swallow the cancel a close sends while the feed is still making its consumer, and a
+        # pump fed by heartbeats would then run forever (CI hung 300 s on exactly that).
+        while not self._closed:
             try:
                 # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that meets a delivery.
                 async with asyncio.timeout(stall):
@@ -346,8 +366,6 @@ class JetStreamEventStore(EventStore):
             if seq != self._applied + 1:
                 return
             self._apply(msg, seq, ts)
-            if self._closed:
-                return
 
     def _apply(self, msg: Msg, seq: int, ts_ns: int) -> None:
         headers = msg.headers or {}

@@ -363,6 +363,56 @@ class TestJetStreamEventStore(EventStoreContract):
             # The loser's rejected batch used up no sequence: positions stay gapless.
             assert (await b.append("model-b", [used(3)])).positions == (3,)
 
+    async def test_a_close_right_after_open_ends_its_feed(self, nats_url: str, caplog: pytest.LogCaptureFixture):
+        """Closed at once after opening, the feed is often still making its consumer, where nats-py or 3.11's
+        wait_for can swallow the cancel; the heartbeats then kept the pump going for ever and CI's close hung
+        300 s (about every second try on 3.11 before the fix). Each close must end with its feed stopped."""
+        from storage.jetstream import JetStreamEventStore
+
+        for _ in range(20):
+            # An empty stream: open() has nothing to wait for, so the close meets the feed still starting.
+            store = JetStreamEventStore(nats_url, stream="LAMA_CLOSE_RACE")
+            await store.open()
+            feed = store._feed_task
+            with anyio.fail_after(10):
+                await store.close()
+            assert feed is not None and feed.done()
+        assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
+
+    async def test_close_is_bounded_even_when_the_feed_never_stops(self, nats_url: str,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture):
+        import asyncio
+
+        from storage import jetstream
+        from storage.jetstream import JetStreamEventStore
+
+        monkeypatch.setattr(jetstream, "FEED_STOP_TIMEOUT", 0.5)
+        release, running = asyncio.Event(), asyncio.Event()
+
+        async def stubborn_feed(self: JetStreamEventStore) -> None:
+            running.set()
+            while not release.is_set():
+                try:
+                    await release.wait()
+                except asyncio.CancelledError:
+                    continue  # every cancel swallowed
+
+        monkeypatch.setattr(JetStreamEventStore, "_feed", stubborn_feed)
+        store = JetStreamEventStore(nats_url, stream="LAMA_CLOSE_BOUND")
+        await store.open()
+        stubborn = store._feed_task
+        assert stubborn is not None
+        with anyio.fail_after(10):
+            await running.wait()
+            await store.close()
+        assert store.closed and not stubborn.done()
+        assert any("did not stop within" in r.getMessage() and "stubborn_feed" in r.getMessage()
+                   for r in caplog.records)
+        release.set()
+        with anyio.fail_after(10):
+            await stubborn
+
     async def test_two_connections_appending_any_interleave_without_gaps_or_doubles(self, nats_url: str):
         from storage.jetstream import JetStreamEventStore
 
