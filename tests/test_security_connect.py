@@ -23,8 +23,8 @@ from bus.auth.embedded import load, load_or_create
 from bus.broker.connection import connect
 from bus.broker.embedded import EmbeddedNatsServer
 from bus.config import Settings
-from tests.cli_process import cli_env, run_cli
 from bench.security_rig import make_operator, make_pki, new_nkey, tls_config
+from tests.cli_process import cli_env, run_cli
 from wire.errors import ErrorCode, LamaError
 
 PASSWORD = "correct-horse-battery-staple-0123"
@@ -176,7 +176,7 @@ async def test_cli_and_serve_stop_with_one_line_on_a_refused_login(tmp_path: Pat
             assert len([line for line in lines if line.startswith("error")]) == 1
         # An untrusted certificate: the same one line, naming the setting.
         code, _, err = await run_cli("models", "list", "--nats-url", url, "--nats-tls-ca", str(pki.other_ca),
-                                  env=env, timeout=60)
+                                     env=env, timeout=60)
         assert code == 1 and "not trusted" in err and "nats_tls_ca" in err and "Traceback" not in err
 
 

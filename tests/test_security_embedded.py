@@ -16,15 +16,12 @@ import pytest
 from bus.auth.credentials import Credentials
 from bus.client import LamabusClient
 from bus.config import Settings
-from tests.cli_process import LAMABUS, cli_env, run_cli
 from bus.node.app import LamabusService
+from tests.cli_process import LAMABUS, cli_env, run_cli
 from tests.conftest import entered_in_own_task
 from wire.api import TopicList
 
 pytestmark = pytest.mark.model
-
-
-
 
 
 async def test_serve_secure_by_default_and_no_secret_in_any_output(tmp_path: Path) -> None:
