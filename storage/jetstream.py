@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import re
@@ -69,6 +68,7 @@ from storage.store import (
     _Prepared,
     check_duplicates,
 )
+from storage.tasks import stop_task
 from wire.errors import ErrorCode, LamaError, stream_conflict
 
 log = logging.getLogger(__name__)
@@ -183,17 +183,7 @@ class JetStreamEventStore(EventStore):
         if task is not None:
             # Cancelled again while it runs on (a cancel can be swallowed, see _pump), and waited for within a
             # bound: a close ends even if the feed does not, and says where the feed was.
-            deadline = time.monotonic() + FEED_STOP_TIMEOUT
-            while not task.done() and (left := deadline - time.monotonic()) > 0:
-                task.cancel()
-                await asyncio.wait({task}, timeout=min(0.25, left))
-            if not task.done():
-                where = io.StringIO()
-                task.print_stack(file=where)
-                log.warning("the %s feed did not stop within %.0f s of its cancel; left behind. %s",
-                            self.stream, FEED_STOP_TIMEOUT, where.getvalue())
-            elif not task.cancelled() and task.exception() is not None:
-                log.debug("the %s feed ended with %r", self.stream, task.exception())
+            await stop_task(task, timeout=FEED_STOP_TIMEOUT, what=f"the {self.stream} feed", log=log)
         nc, self._nc = self._nc, None
         if nc is not None and self._url is not None and not nc.is_closed:
             await nc.close()
