@@ -29,10 +29,14 @@ from bus.gateway.app import Gateway
 from bus.gateway.auth import Keys
 from bus.gateway.upstream import Upstream
 from bus.web.listen import http_url, listen
+from storage.tasks import stop_task
 
 log = logging.getLogger("lamabus.openai")
 
 LOOPBACK = "127.0.0.1"
+
+#: How long a close waits for the keep-alive task to end after cancelling it (seconds).
+STOP_TIMEOUT = 5.0
 
 
 def is_loopback(host: str) -> bool:
@@ -103,10 +107,10 @@ class GatewayServer:
         log.info("OpenAI-compatible API on %s/v1 (%s; lamabus at %s)", self.url, auth, self.nats_url)
 
     async def aclose(self) -> None:
-        if self._keep_alive is not None:
-            self._keep_alive.cancel()
-            await asyncio.gather(self._keep_alive, return_exceptions=True)
-            self._keep_alive = None
+        keep_alive, self._keep_alive = self._keep_alive, None
+        if keep_alive is not None:
+            # Its loop ends only by its cancel: one swallowed would make a plain await of it wait for ever.
+            await stop_task(keep_alive, timeout=STOP_TIMEOUT, what="the gateway's keep-alive", log=log)
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
