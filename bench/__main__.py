@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 from bench import bench_store, report  # noqa: E402
 from bench.bench_bus import BusBenchConfig, bundled_model  # noqa: E402
 from bench.bench_bus import run as run_bus  # noqa: E402
+from bus.config import Settings  # noqa: E402
 
 QUICK = {"reps": 1, "tokens": 16, "turns": 3, "turn_tokens": 8, "conv_reps": 1, "concurrency": "1,8",
          "appends": 50, "events": 5000, "profile": "off"}
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="also bench/bench_kv.py (saved KV states, issue 21: 50 topics on 8 slots, a returning topic, "
                          "a restart; its --quick with --quick): its figures join results.json, all of them in "
                          "bench/kv.json (full: tens of minutes on 2 cores)")
+    ap.add_argument("--token-batch-ms", type=float, metavar="MS",
+                    help="the bench service's token_batch_ms (default: the service's own; 0: every token alone)")
     ap.add_argument("--out-dir", help="write results.json and benchmarks.md here instead of bench/ and docs/")
     ap.add_argument("--workdir", help="where the temporary data directories go (the disk that holds the data)")
     ap.add_argument("--render-only", action="store_true",
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model or bundled_model(), reps=args.reps, tokens=args.tokens, turns=args.turns,
         turn_tokens=args.turn_tokens, conv_reps=args.conv_reps, concurrency=concurrency, profile=args.profile,
         workdir=args.workdir, llama_server_dir=peer_dir, log=lambda s: print(s, flush=True),
-        gpu_layers=args.gpu_layers, streams_only=args.streams_only,
+        gpu_layers=args.gpu_layers, streams_only=args.streams_only, token_batch_ms=args.token_batch_ms,
     )
     print(f"lamabus bench{' (quick)' if args.quick else ''}: {Path(cfg.model).name}, {cfg.tokens} tokens, "
           f"{cfg.reps} reps, concurrency {concurrency}, {cfg.gpu_layers} GPU layers; "
@@ -116,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": {"reps": cfg.reps, "tokens": cfg.tokens, "turns": cfg.turns, "turn_tokens": cfg.turn_tokens,
                        "conv_reps": cfg.conv_reps, "concurrency": list(concurrency), "temperature": 0.0,
                        "seed": 42, "stop": [], "appends": args.appends, "events": args.events,
-                       "gpu_layers": cfg.gpu_layers},
+                       "gpu_layers": cfg.gpu_layers,
+                       "token_batch_ms": cfg.token_batch_ms if cfg.token_batch_ms is not None
+                       else Settings().token_batch_ms},
     }
     results.update(run_bus(cfg))
     if args.streams_only:

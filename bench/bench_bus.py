@@ -101,7 +101,8 @@ class BusBench:
                 assert broker.url is not None
                 bundled = os.path.realpath(cfg.model) == os.path.realpath(bundled_model())
                 service = ServiceProcess(broker.url, work / "data", work / "service.log",
-                                         model_dir=None if bundled else os.path.dirname(os.path.realpath(cfg.model)))
+                                         model_dir=None if bundled else os.path.dirname(os.path.realpath(cfg.model)),
+                                         token_batch_ms=cfg.token_batch_ms)
                 service.start()
                 nc = await nats.connect(broker.url, name="lamabus-bench")
                 peer: Any = None

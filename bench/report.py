@@ -386,6 +386,11 @@ def render(results: dict[str, Any]) -> str:
         cpu, busy = s.get("cpu_ms_per_bus_token", {}), s.get("cpu_cores_busy_during_bus_runs", {})
         w("- CPU per streamed token during the bus runs (ms; cores busy): " + ", ".join(
             f"{k.replace('_', ' ')} {_n(cpu.get(k), '.2f')} ({_n(busy.get(k), '.2f')})" for k in cpu))
+        batch_ms = (results.get("parameters") or {}).get("token_batch_ms")
+        if s.get("bus_token_messages_per_run") and batch_ms is not None:
+            w(f"- Token messages per bus run: {_n(s['bus_token_messages_per_run'], '.0f')} for {s.get('tokens')} tokens "
+              f"(the service's `token_batch_ms` {batch_ms:g}: after the first text, tokens decoded within it of the "
+              "last message go out together; docs/wire.md)")
         if s.get("texts_differ_from_raw"):
             w(f"- Note: in {s['texts_differ_from_raw']} repetition(s) the bus text differed from the raw loop's "
               "(same greedy model; a template or tokenization difference)")

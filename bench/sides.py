@@ -50,9 +50,12 @@ ROOT = Path(__file__).resolve().parent.parent
 class ServiceProcess:
     """``python -m bus.cli serve`` on an external broker, in its own session."""
 
-    def __init__(self, nats_url: str, data_dir: Path, log_path: Path, model_dir: str | None = None) -> None:
-        """``model_dir``: a directory the service may import models from (a GGUF other than the bundled one)."""
+    def __init__(self, nats_url: str, data_dir: Path, log_path: Path, model_dir: str | None = None,
+                 token_batch_ms: float | None = None) -> None:
+        """``model_dir``: a directory the service may import models from (a GGUF other than the bundled one);
+        ``token_batch_ms``: that setting (None: the service's default)."""
         self.nats_url = nats_url
+        self.token_batch_ms = token_batch_ms
         self.data_dir = data_dir
         self.log_path = log_path
         self.model_dir = model_dir
@@ -71,6 +74,7 @@ class ServiceProcess:
             # The peers do no background work; what a topic analysis costs a user is bench_analysis's measure.
             "analysis = false\n"
             + (f"model_dirs = [{json.dumps(self.model_dir)}]\n" if self.model_dir else "")
+            + (f"token_batch_ms = {self.token_batch_ms}\n" if self.token_batch_ms is not None else "")
         )
         cmd = [*(wrapper or (sys.executable, "-m")), "bus.cli", "serve", "--nats-url", self.nats_url,
                "--data-dir", str(self.data_dir), "--config", str(config)]

@@ -51,6 +51,8 @@ class BusBenchConfig:
     gpu_layers: int = 0
     #: Only one stream and the concurrent topics (bench/gpu_check.sh): no conversation, variants or profile.
     streams_only: bool = False
+    #: The service's token_batch_ms (None: its default), to measure what holding tokens together buys.
+    token_batch_ms: float | None = None
     log: Callable[[str], None] = print
 
 

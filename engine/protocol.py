@@ -44,6 +44,9 @@ class Load(_Msg, tag="load"):
     # n_gpu_layers actually requested after the parent's own checks (GPU retry lives in the worker)
     log_level: int = 3  # llama.cpp ggml_log_level at or above which log lines are forwarded to stderr
     kv_cache: KvCacheConfig | None = None  # evicted sequences' KV states in RAM / on disk (None: off)
+    # the longest a decoded token's text is held so that tokens decoded close together go out as one
+    # Chunk (seconds; 0: each token alone); a generation's first text and its end are never held
+    token_batch_s: float = 0.0
 
 
 class Generate(_Msg, tag="gen"):

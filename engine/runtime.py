@@ -85,13 +85,17 @@ class Engine:
         gpu_probe: Callable[[], Awaitable[GpuProbe]] | None = None,
         gpu_layers: int | None = None,
         kv_cache: KvCacheConfig | None = None,
+        token_batch_ms: float = 0.0,
     ) -> None:
         """``memory_probe``: what may be used now (tests pretend it is small). ``llama_log_level``: llama.cpp
         log lines at or above it (ggml levels: 2 info, 3 warn, 4 error) go to the worker's stderr.
         ``worker_env``: extra environment for workers, e.g. ``{"OMP_WAIT_POLICY": "PASSIVE"}`` on a box
         whose cores are oversubscribed (OpenMP's spinning barriers collapse there; on an idle box
         spinning is faster, so it is not the default). ``kv_cache``: where workers keep the KV states of
-        conversations that lost their slot (engine/kv_cache.py; None: nowhere)."""
+        conversations that lost their slot (engine/kv_cache.py; None: nowhere). ``token_batch_ms``: the
+        longest a decoded token's text waits so that tokens decoded close together stream as one chunk
+        (0: every token alone; the service's setting of that name)."""
+        self._token_batch_s = token_batch_ms / 1000.0
         self._kv_cache = kv_cache if kv_cache is not None and kv_cache.enabled else None
         # ``gpu_probe``: what GPU a load may use now (default: engine.gpu.probe in a child process; tests
         # pretend). ``gpu_layers``: the service's n_gpu_layers for models whose own is "auto" (None: auto).
@@ -228,7 +232,7 @@ class Engine:
 
     async def _start_worker(self, model: _Model) -> WorkerProcess:
         kv = await self._kv_config(model.config.model_path)
-        worker = WorkerProcess(self._python, model.config, self._log_level, self._worker_env, kv)
+        worker = WorkerProcess(self._python, model.config, self._log_level, self._worker_env, kv, self._token_batch_s)
         await worker.start(self._load_timeout)
         return worker
 

@@ -78,6 +78,7 @@ class _Gen(Gen):
     __slots__ = (
         "req", "chain", "grammar", "gchain", "pipeline", "n_gen", "t_recv", "t_start", "t_start_ms", "t_first",
         "dropped", "truncated", "start_thinking", "kv_tokens", "kv_wait_until", "kv_wait_key", "kv_hit",
+        "held", "held_channel", "t_sent",
     )
 
     def __init__(self, gid: int, req: GenerateRequest) -> None:
@@ -99,6 +100,9 @@ class _Gen(Gen):
         self.kv_wait_until = 0.0  # waiting for its saved state to come from disk, until then
         self.kv_wait_key = ""  # that state
         self.kv_hit = False  # its prompt's start was restored from a saved state
+        self.held: list[str] = []  # text decoded and not yet sent (Worker.hold)
+        self.held_channel = "content"
+        self.t_sent = float("-inf")  # when its last Chunk went out: its first text is never held
 
 
 class Worker:
@@ -111,6 +115,7 @@ class Worker:
         self.sched: Scheduler | None = None
         self.waiting: deque[_Gen] = deque()
         self.kv: KvStates | None = None  # saved states of sequences that lost their slot
+        self.token_batch_s = 0.0  # Load.token_batch_s
 
     @property
     def active(self) -> list[_Gen]:
@@ -238,6 +243,7 @@ class Worker:
             self.emit(LoadFailed(ErrorCode.MODEL_LOAD_FAILED.value, f"model load failed: {exc!r}"))
         else:
             self.kv = self._open_kv(cmd.kv_cache, cmd.config)
+            self.token_batch_s = cmd.token_batch_s
             self.sched = Scheduler(self.llama.n_seq, self.llama, on_evict=self.save_state if self.kv else None)
             self.emit(loaded)
 
@@ -432,6 +438,11 @@ class Worker:
         segments = sched.plan(self.llama.n_batch)
         if not segments:
             return
+        if any(len(seg.tokens) > 1 for seg in segments):
+            # a prompt in this batch makes the step long: held text would wait for it, not for token_batch_s
+            for g in self.active:
+                self.send_held(g)  # type: ignore[arg-type]
+            self.flush()
         ret, logit_idx = self.llama.decode(segments)
         if ret != 0:
             why = {1: "no free KV cache slot for the batch", 2: "decode aborted", -1: "invalid batch"}.get(
@@ -453,6 +464,7 @@ class Worker:
                     tok = self.constrain(g, tok, idx)
                 self.on_token(g, tok)
             except Exception as exc:
+                self.send_held(g)
                 self.emit(Failed(g.gid, ErrorCode.INTERNAL.value, f"generation failed: {exc!r}"))
                 sched.drop(g.slot)
                 self.release(g)
@@ -478,9 +490,10 @@ class Worker:
         g.n_gen += 1
         if g.t_first is None:
             g.t_first = time.perf_counter()
-        gid = g.gid
         for channel, text in g.pipeline.feed(self.llama.piece(tok)):
-            self.emit(Chunk(gid, text, channel))
+            self.hold(g, channel, text)
+        if g.held and time.perf_counter() - g.t_sent >= self.token_batch_s:
+            self.send_held(g)
         if g.pipeline.stopped is not None:
             self.finish(g, "stop_sequence")
         elif g.n_gen >= g.req.sampling.max_tokens or len(g.slot.tokens) >= self.llama.n_ctx_seq:
@@ -488,11 +501,28 @@ class Worker:
         else:
             g.next_token = tok
 
+    def hold(self, g: _Gen, channel: str, text: str) -> None:
+        """Every Chunk wakes the service, the broker and each reader, and on a machine whose cores all
+        decode each of those wake-ups is taken from a decode thread; so the text of tokens decoded within
+        ``token_batch_s`` of the last Chunk waits and goes out with the next one (a channel change sends
+        what is held first, so text never crosses channels)."""
+        if g.held and g.held_channel != channel:
+            self.send_held(g)
+        g.held.append(text)
+        g.held_channel = channel
+
+    def send_held(self, g: _Gen) -> None:
+        if g.held:
+            self.emit(Chunk(g.gid, "".join(g.held), g.held_channel))
+            g.held.clear()
+            g.t_sent = time.perf_counter()
+
     def finish(self, g: _Gen, reason: str) -> None:
         pipeline = g.pipeline
         if pipeline is not None and reason != "stop_sequence":
             for channel, text in pipeline.finish():
-                self.emit(Chunk(g.gid, text, channel))
+                self.hold(g, channel, text)
+        self.send_held(g)
         end = time.perf_counter()
         t_start = g.t_start or end
         first = g.t_first

@@ -109,9 +109,10 @@ class WorkerProcess:
 
     def __init__(
         self, python: str, config: ModelConfig, log_level: int, extra_env: dict[str, str],
-        kv_cache: KvCacheConfig | None = None,
+        kv_cache: KvCacheConfig | None = None, token_batch_s: float = 0.0,
     ) -> None:
         self.python = python
+        self.token_batch_s = token_batch_s
         self.extra_env = extra_env
         self.config = config
         self.log_level = log_level
@@ -151,7 +152,7 @@ class WorkerProcess:
             asyncio.create_task(self._read_events(), name=f"engine-worker-{self.proc.pid}-events"),
             asyncio.create_task(self._read_stderr(), name=f"engine-worker-{self.proc.pid}-stderr"),
         ]
-        self.send(Load(self.config, self.log_level, self.kv_cache))
+        self.send(Load(self.config, self.log_level, self.kv_cache, self.token_batch_s))
         try:
             loaded = await asyncio.wait_for(asyncio.shield(self._loaded_fut), timeout)
         except asyncio.TimeoutError:

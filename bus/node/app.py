@@ -152,7 +152,8 @@ class LamabusService:
             else:
                 await self.registry.ensure_bundled(path)
         self.engine = await stack.enter_async_context(Engine(gpu_layers=s.gpu_layers, kv_cache=KvCacheConfig(
-            ram_bytes=s.kv_cache_ram_mib << 20, disk_bytes=s.kv_cache_disk << 20, disk_dir=str(s.kv_cache_dir))))
+            ram_bytes=s.kv_cache_ram_mib << 20, disk_bytes=s.kv_cache_disk << 20, disk_dir=str(s.kv_cache_dir)),
+            token_batch_ms=s.token_batch_ms))
         self.metrics, metrics_http = metrics_for(s)
         self.models = await stack.enter_async_context(
             ModelsRuntime(self.registry, self.engine, max_loaded=s.max_loaded_models, keep_alive=s.keep_alive,
