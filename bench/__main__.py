@@ -33,9 +33,11 @@ from bench.bench_bus import BusBenchConfig, bundled_model  # noqa: E402
 from bench.bench_bus import run as run_bus  # noqa: E402
 from bus.config import Settings  # noqa: E402
 
-QUICK = {"reps": 1, "tokens": 16, "turns": 3, "turn_tokens": 8, "conv_reps": 1, "concurrency": "1,8",
+QUICK = {"reps": 1, "stream_reps": 1, "tokens": 16, "turns": 3, "turn_tokens": 8, "conv_reps": 1,
+         "concurrency": "1,8",
          "appends": 50, "events": 5000, "profile": "off"}
-FULL = {"reps": 5, "tokens": 128, "turns": 20, "turn_tokens": 32, "conv_reps": 3, "concurrency": "1,2,4,8",
+FULL = {"reps": 5, "stream_reps": 11, "tokens": 128, "turns": 20, "turn_tokens": 32, "conv_reps": 3,
+        "concurrency": "1,2,4,8",
         "appends": 500, "events": 100_000, "profile": "auto"}
 
 
@@ -43,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description="lamabus benchmarks: what the bus costs")
     ap.add_argument("--quick", action="store_true", help="smoke run: few tokens, one repetition (CI)")
     ap.add_argument("--reps", type=int, help="repetitions per measure (full 5)")
+    ap.add_argument("--stream-reps", type=int, help="repetitions of the one-stream measure (full 11)")
     ap.add_argument("--tokens", type=int, help="maxTokens per generation (full 128)")
     ap.add_argument("--turns", type=int, help="conversation turns (full 20)")
     ap.add_argument("--turn-tokens", type=int, help="maxTokens per conversation turn (full 32)")
@@ -104,19 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = tuple(int(x) for x in str(args.concurrency).split(",") if x.strip())
     peer_dir = _llama_server_dir(args.llama_server)
     cfg = BusBenchConfig(
-        model=args.model or bundled_model(), reps=args.reps, tokens=args.tokens, turns=args.turns,
-        turn_tokens=args.turn_tokens, conv_reps=args.conv_reps, concurrency=concurrency, profile=args.profile,
+        model=args.model or bundled_model(), reps=args.reps, stream_reps=args.stream_reps, tokens=args.tokens,
+        turns=args.turns, turn_tokens=args.turn_tokens, conv_reps=args.conv_reps, concurrency=concurrency,
+        profile=args.profile,
         workdir=args.workdir, llama_server_dir=peer_dir, log=lambda s: print(s, flush=True),
         gpu_layers=args.gpu_layers, streams_only=args.streams_only, token_batch_ms=args.token_batch_ms,
     )
     print(f"lamabus bench{' (quick)' if args.quick else ''}: {Path(cfg.model).name}, {cfg.tokens} tokens, "
-          f"{cfg.reps} reps, concurrency {concurrency}, {cfg.gpu_layers} GPU layers; "
+          f"{cfg.reps} reps ({cfg.stream_reps} for one stream), concurrency {concurrency}, "
+          f"{cfg.gpu_layers} GPU layers; "
           f"llama-server: {peer_dir or 'not measured'}", flush=True)
     results: dict = {
         "command": " ".join(["python -m bench", shlex.join(argv if argv is not None else sys.argv[1:])]).strip(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": bool(args.quick),
-        "parameters": {"reps": cfg.reps, "tokens": cfg.tokens, "turns": cfg.turns, "turn_tokens": cfg.turn_tokens,
+        "parameters": {"reps": cfg.reps, "stream_reps": cfg.stream_reps, "tokens": cfg.tokens, "turns": cfg.turns,
+                       "turn_tokens": cfg.turn_tokens,
                        "conv_reps": cfg.conv_reps, "concurrency": list(concurrency), "temperature": 0.0,
                        "seed": 42, "stop": [], "appends": args.appends, "events": args.events,
                        "gpu_layers": cfg.gpu_layers,

@@ -74,14 +74,14 @@ async def single_stream(rig: Rig) -> SingleStreamFigures:
              *(["llama_server"] if rig.peer is not None else [])]
     runs: dict[str, list[Run]] = {side: [] for side in order}
     mismatched = 0
-    for rep in range(cfg.reps):
+    for rep in range(cfg.stream_reps):
         nonce = f"{rep}-{uuid.uuid4().hex[:8]}"
         user = essay(nonce)
         sides = order[rep % len(order):] + order[:rep % len(order)]
         got: dict[str, Run] = {}
         for side in sides:
             if side == "bus":
-                with rig.cpu.measure(), rig.rss.phase("1_topic"):
+                with rig.cpu.measure():
                     got[side] = await rig.bus.ask(f"speed-{rep}", user, greedy(n))
             elif side == "direct":
                 got[side] = rig.direct.run(chat(user), n)
@@ -97,8 +97,19 @@ async def single_stream(rig: Rig) -> SingleStreamFigures:
             f"{s} {fmt(got[s].tps(n), '.1f')} tok/s ttft {got[s].ttft_s * 1000:.1f} ms ({got[s].finish})"
             for s in order))
 
+    # The peak RSS of one topic, from a run of its own: reading /proc 20 times a second during the timed runs
+    # would take CPU from the decode threads that the other sides keep.
+    with rig.rss.phase("1_topic"):
+        await rig.bus.ask("speed-rss", essay(uuid.uuid4().hex[:8]), greedy(n))
+
     def tps(side: str) -> float | None:
         return median([t for r in runs[side] if (t := r.tps(n)) is not None])
+
+    def paired(side: str) -> float | None:
+        """The median over repetitions of bus ÷ ``side`` within the repetition: the runs of one repetition are
+        seconds apart, so a machine whose speed drifts over minutes moves both terms of each ratio alike."""
+        return median([ratio(b, o) for rb, ro in zip(runs["bus"], runs[side])
+                       if (b := rb.tps(n)) is not None and (o := ro.tps(n)) is not None])
 
     def ttft_ms(side: str) -> float | None:
         m = median([r.ttft_s for r in runs[side]])
@@ -110,8 +121,9 @@ async def single_stream(rig: Rig) -> SingleStreamFigures:
     parties = ("engine_worker", "service", "nats_server", "client")
     stream = SingleStream(
         tokens=n,
-        reps=cfg.reps,
+        reps=cfg.stream_reps,
         tps={s: tps(s) for s in runs},
+        bus_over_side_paired={s: paired(s) for s in runs if s != "bus"},
         ttft_ms={s: ttft_ms(s) for s in runs},
         runs_reaching_max_tokens={s: sum(1 for r in runs[s] if r.tps(n) is not None) for s in runs},
         bus_engine_reported_tps=median([r.engine_tps for r in bus if r.engine_tps and r.tps(n)]),

@@ -91,6 +91,8 @@ class SingleStream(msgspec.Struct, kw_only=True):
     tokens: int
     reps: int
     tps: dict[str, float | None]
+    #: bus ÷ side within each repetition, then the median (the targets use the ratio of the medians)
+    bus_over_side_paired: dict[str, float | None] = {}
     ttft_ms: dict[str, float | None]
     runs_reaching_max_tokens: dict[str, int]
     bus_engine_reported_tps: float | None

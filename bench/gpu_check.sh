@@ -146,7 +146,7 @@ fi
 
 # ---- 3. the bench: one stream and 8 topics against llama-server, every layer on the GPU
 if [ "$cpu" = 1 ]; then layers=0; peer=""; else layers=999; peer="--llama-server"; fi
-if [ "$quick" = 1 ]; then size=(--reps 1 --tokens 16); else size=(--reps 3 --tokens 128); fi
+if [ "$quick" = 1 ]; then size=(--reps 1 --stream-reps 1 --tokens 16); else size=(--reps 3 --stream-reps 5 --tokens 128); fi
 step "the bench: one stream and 8 topics, $layers GPU layers on every side"
 run "$PY" -m bench --streams-only --gpu-layers "$layers" ${peer:+"$peer"} --model "$model" "${size[@]}" \
     --concurrency 1,8 --profile off --workdir "${TMPDIR:-/tmp}" --out-dir "$out"

@@ -370,6 +370,10 @@ def render(results: dict[str, Any]) -> str:
             w(f"- bus ÷ raw loop in the engine's context shape = {_n(results.get('bus_over_raw_engine_context_tps'), '.3f')} "
               f"(the bus's own cost); that context shape ÷ the single-sequence raw loop = "
               f"{_n(results.get('raw_engine_context_over_raw_tps'), '.3f')} (the cost of holding n_seq_max sequences)")
+        if paired := s.get("bus_over_side_paired"):
+            w("- The same ratios within each repetition, then the median (runs seconds apart, so drift in the "
+              "machine's speed moves both terms alike): " + ", ".join(f"bus ÷ {side} {_n(v, '.3f')}"
+                                                                     for side, v in paired.items()))
         w(f"- TTFT overhead (median of per-repetition bus − direct): **{_n(results.get('ttft_overhead_ms'))} ms**")
         w(f"- The engine's own decode rate for the same bus runs (timing.tokensPerSecond): "
           f"{_n(s.get('bus_engine_reported_tps'))} tok/s: what is lost between the worker and the client is the "

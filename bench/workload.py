@@ -33,6 +33,10 @@ def bundled_model() -> str:
 class BusBenchConfig:
     model: str = field(default_factory=bundled_model)
     reps: int = 5
+    #: Repetitions of the one-stream measure, each side once per repetition in a rotating order. More than
+    #: ``reps``: a rep is a few seconds, and on a shared machine one side's rate swings ±10 % from one
+    #: repetition to the next, so the ≥ 0.95 and ≥ 1.0 ratios need more than five to be told apart from noise.
+    stream_reps: int = 11
     tokens: int = 128
     turns: int = 20
     turn_tokens: int = 32
