@@ -37,6 +37,7 @@ class RawLlama:
         n_seq_max: int = 1,
         n_gpu_layers: int = 0,
         flash_attn: int | None = None,
+        kv_unified: bool = False,
     ) -> None:
         ll.llama_backend_init()
         mp = ll.llama_model_default_params()
@@ -51,7 +52,7 @@ class RawLlama:
         cp.n_seq_max = n_seq_max
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
-        cp.kv_unified = False
+        cp.kv_unified = kv_unified
         cp.no_perf = True
         if flash_attn is not None:  # None: llama.cpp's default (auto)
             cp.flash_attn_type = flash_attn

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import importlib.util
-import json
 import os
 import re
 import shutil

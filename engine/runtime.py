@@ -36,8 +36,7 @@ from engine.memory import (
     offloadable_layers,
     plan_load,
 )
-from engine.protocol import Load
-from engine.kv_cache import model_sha256
+from engine.kv_files import model_sha256
 from engine.types import GenerateRequest, GenerationResult, KvCacheConfig, ModelConfig, TokenChunk
 from engine.worker_process import GenState, WorkerDied, WorkerProcess, signal_name
 from wire.errors import ErrorCode, LamaError

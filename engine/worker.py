@@ -32,7 +32,8 @@ import msgspec
 
 from engine.binding import Llama, check_build
 from engine.chat import fit_messages
-from engine.kv_cache import MIN_TOKENS, KvStates, bytes_tokens, model_dir_key, tokens_bytes
+from engine.kv_cache import MIN_TOKENS, KvStates
+from engine.kv_files import bytes_tokens, model_dir_key, tokens_bytes
 from engine.protocol import (
     Cancel,
     Check,

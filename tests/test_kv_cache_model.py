@@ -17,7 +17,7 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.kv_cache import SUFFIX, encode_header, read_header
+from engine.kv_files import SUFFIX, encode_header, read_header
 from engine.runtime import Engine
 from engine.types import ChatTurn, GenerateRequest, GenerationResult, KvCacheConfig, ModelConfig
 from handlers.metrics import ServiceMetrics

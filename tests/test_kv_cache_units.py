@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import kv_cache
-from engine.kv_cache import (
-    MIN_GAIN,
-    SUFFIX,
-    KvStates,
-    common_prefix_bytes,
-    model_sha256,
-    state_key,
-    tokens_bytes,
-)
+from engine import kv_files
+from engine.kv_cache import MIN_GAIN, KvStates
+from engine.kv_files import SUFFIX, common_prefix_bytes, model_sha256, state_key, tokens_bytes
 
 KEY = "a" * 32
 
@@ -229,7 +222,7 @@ def test_model_hash_is_remembered_by_size_and_mtime(tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"x" * 1000)
     first = model_sha256(str(model), tmp_path / "cache")
-    kv_cache._hashed.clear()  # a new process: only the file under the cache root remembers
+    kv_files._hashed.clear()  # a new process: only the file under the cache root remembers
     st = model.stat()
     model.write_bytes(b"y" * 1000)  # same size, mtime put back: the remembered hash answers
     os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))

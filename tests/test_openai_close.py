@@ -16,6 +16,7 @@ from bus.gateway import server as gateway_server
 from bus.gateway.auth import Keys
 from bus.gateway.server import GatewayServer
 from bus.gateway.upstream import Upstream
+from tests.stubborn import SwallowsCancels
 
 
 def _server(tmp_path: Path, nats_url: str) -> GatewayServer:
@@ -64,22 +65,13 @@ async def test_a_close_is_bounded_even_when_keep_alive_never_stops(tmp_path: Pat
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    caplog: pytest.LogCaptureFixture):
     monkeypatch.setattr(gateway_server, "STOP_TIMEOUT", 0.5)
-    release, running = asyncio.Event(), asyncio.Event()
-
-    async def stubborn_keep_alive(self: Upstream, idle: float) -> None:
-        running.set()
-        while not release.is_set():
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                continue  # every cancel swallowed
-
-    monkeypatch.setattr(Upstream, "keep_alive", stubborn_keep_alive)
+    keep_alive = SwallowsCancels()
+    monkeypatch.setattr(Upstream, "keep_alive", keep_alive.swallow_cancels)
     async with _started(_server(tmp_path, nats_url)) as server:
         stubborn = server._keep_alive
         assert stubborn is not None
         with anyio.fail_after(10):
-            await running.wait()
+            await keep_alive.running.wait()
         # In a task of its own, so that a close that does wait for ever fails this test rather than hanging it.
         closing = asyncio.create_task(server.aclose())
         try:
@@ -87,9 +79,10 @@ async def test_a_close_is_bounded_even_when_keep_alive_never_stops(tmp_path: Pat
                 await asyncio.shield(closing)
             assert closing.done() and not stubborn.done()
         finally:
-            release.set()
+            keep_alive.release.set()
             with anyio.fail_after(10):
                 await closing
                 await stubborn
-    assert any("did not stop within" in r.getMessage() and "stubborn_keep_alive" in r.getMessage()
+    assert keep_alive.cancels > 1  # cancelled again while it ran on
+    assert any("did not stop within" in r.getMessage() and "swallow_cancels" in r.getMessage()
                for r in caplog.records)

@@ -382,34 +382,24 @@ class TestJetStreamEventStore(EventStoreContract):
     async def test_close_is_bounded_even_when_the_feed_never_stops(self, nats_url: str,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture):
-        import asyncio
-
         from storage import jetstream
         from storage.jetstream import JetStreamEventStore
+        from tests.stubborn import SwallowsCancels
 
         monkeypatch.setattr(jetstream, "FEED_STOP_TIMEOUT", 0.5)
-        release, running = asyncio.Event(), asyncio.Event()
-
-        async def stubborn_feed(self: JetStreamEventStore) -> None:
-            running.set()
-            while not release.is_set():
-                try:
-                    await release.wait()
-                except asyncio.CancelledError:
-                    continue  # every cancel swallowed
-
-        monkeypatch.setattr(JetStreamEventStore, "_feed", stubborn_feed)
+        feed = SwallowsCancels()
+        monkeypatch.setattr(JetStreamEventStore, "_feed", feed.swallow_cancels)
         store = JetStreamEventStore(nats_url, stream="LAMA_CLOSE_BOUND")
         await store.open()
         stubborn = store._feed_task
         assert stubborn is not None
         with anyio.fail_after(10):
-            await running.wait()
+            await feed.running.wait()
             await store.close()
         assert store.closed and not stubborn.done()
-        assert any("did not stop within" in r.getMessage() and "stubborn_feed" in r.getMessage()
+        assert any("did not stop within" in r.getMessage() and "swallow_cancels" in r.getMessage()
                    for r in caplog.records)
-        release.set()
+        feed.release.set()
         with anyio.fail_after(10):
             await stubborn
 

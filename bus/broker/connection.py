@@ -17,9 +17,13 @@ import nats.errors
 from nats.aio.client import Client
 
 from bus.auth.credentials import Credentials
+from storage.tasks import stop_task
 from wire.errors import ErrorCode, LamaError
 
 log = logging.getLogger("lamabus.bus")
+
+#: The longest a refused first connect is waited for after its cancel (seconds).
+CONNECT_STOP_TIMEOUT = 5.0
 
 _VIOLATION = re.compile(r"Permissions Violation for (Publish|Subscription) to \"([^\"]*)\"", re.IGNORECASE)
 #: What nats-server says when it refuses or ends a login (-ERR ...).
@@ -233,9 +237,8 @@ async def connect(url: str, *, name: str = "lamabus", reconnect_forever: bool = 
         connecting.cancel()
         raise
     if refused.done():
-        connecting.cancel()
-        with contextlib.suppress(BaseException):
-            await connecting
+        # nats-py's connect waits with asyncio.wait_for, which on 3.11 can swallow a cancel: bounded.
+        await stop_task(connecting, timeout=CONNECT_STOP_TIMEOUT, what=f"the refused connect to {shown}", log=log)
         with contextlib.suppress(Exception):
             await nc.close()
         raise LamaError(ErrorCode.UNAUTHORIZED, f"cannot log in to NATS at {shown} with {credentials.describe()}: "
