@@ -9,7 +9,7 @@ import * as esbuild from "esbuild";
 const here = dirname(fileURLToPath(import.meta.url));
 const out = join(here, "..", "bus", "web", "static");
 
-/** SHA-256 over the inputs of the build: tests/test_web_page.py recomputes it to catch a stale bundle. */
+/** SHA-256 over the inputs of the build: tests/test_web_bundle.py recomputes it to catch a stale bundle. */
 export async function sourceDigest() {
   const files = ["build.mjs", "package.json", "package-lock.json",
                  ...(await readdir(join(here, "src"))).sort().map((f) => `src/${f}`)];
